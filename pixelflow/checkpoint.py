@@ -1,0 +1,137 @@
+"""Pretrained folders (config.yaml + model.pt) and atomic file writes.
+
+This module holds the one function that loads a released (or our own) checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+WEIGHT_FILES = ("model.pt", "model.safetensors", "model.pth", "model.bin")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it onto `path`.
+
+    A crash or kill at any point leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def instantiate(target: str, params: dict) -> torch.nn.Module:
+    """Build `target(**params)`; target is a dotted path inside the pixelflow package."""
+    if not isinstance(target, str) or not target.startswith("pixelflow."):
+        raise ValueError(f"model.target must name a class in the pixelflow package, got {target!r}")
+    module_name, _, attr = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model.target {target!r} does not resolve: {e}") from None
+    return cls(**params)
+
+
+def build_model(config: DictConfig, device: torch.device | str = "cpu", meta: bool = False) -> torch.nn.Module:
+    """Instantiate config.model (target + params) without loading weights."""
+    if "model" not in config or "params" not in config.model:
+        raise ValueError("config has no model.params section")
+    params = OmegaConf.to_container(config.model.params, resolve=True)
+    target = config.model.get("target", "pixelflow.model.PixelFlowModel")
+    with torch.device("meta" if meta else device):
+        return instantiate(target, params)
+
+
+def find_weights(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise ValueError(f"checkpoint folder {str(folder)!r} has no weights: expected one of {WEIGHT_FILES}")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a weight file: a flat state dict, or one wrapped as {"ema": ...} (preferred) or {"model": ...}."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state dict")
+    for wrapper in ("ema", "model", "state_dict"):
+        if wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+            break
+    out = {}
+    for key, value in state.items():
+        for prefix in _STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Strict load that names every missing and unexpected key and every shape mismatch."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        lines = [f"weights in {source} do not match the model built from its config:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+        if shapes:
+            lines.append(f"  shape mismatches ({len(shapes)}): {shapes[:10]}")
+        raise ValueError("\n".join(lines))
+    expected_dtype = {k: v.dtype for k, v in expected.items()}
+    state = {k: v.to(expected_dtype[k]) for k, v in state.items()}
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(state, strict=True, assign=on_meta)
+
+
+def load_config(folder: str | os.PathLike) -> DictConfig:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"checkpoint folder {str(folder)!r} does not exist or is not a folder")
+    path = folder / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"checkpoint folder {str(folder)!r} has no config.yaml")
+    return OmegaConf.load(path)
+
+
+def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, DictConfig]:
+    """Load a pretrained folder (config.yaml + model.pt/.safetensors) -> (model in eval mode, config)."""
+    config = load_config(folder)
+    weights = find_weights(folder)
+    model = build_model(config, meta=True)  # no init work: every tensor comes from the file
+    load_weights(model, read_state_dict(weights), source=str(weights))
+    return model.to(device).eval(), config

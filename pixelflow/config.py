@@ -1,0 +1,146 @@
+"""Training configs: the released keys, our additions with their defaults, overrides and checks.
+
+A config is OmegaConf YAML. Unknown keys are errors, never ignored: a misspelled `train.max_step`
+would otherwise silently train for the default number of steps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+# Every key a config may hold, with its default. model.params is checked by PixelFlowModel's signature.
+DEFAULTS = {
+    "model": {"target": "pixelflow.model.PixelFlowModel", "params": {}},
+    "scheduler": {"num_train_timesteps": 1000, "num_stages": 4, "pyramid_shift": False},
+    "train": {
+        "lr": 1e-4,
+        "weight_decay": 0.0,
+        "epochs": 10,
+        "max_steps": None,          # stop after this many optimizer steps; wins over epochs
+        "ema_decay": 0.9999,
+        "grad_clip": 1.0,
+        "label_dropout": 0.1,       # probability of the null label / empty caption
+        "betas": [0.9, 0.999],
+        "precision": "auto",        # auto: bf16 autocast on CUDA, fp32 on the CPU; or "bf16", "fp32"
+        "keep_checkpoints": 3,      # newest checkpoints kept in OUTPUT/checkpoints
+        "preview_steps": 0,         # also write a preview grid every N steps (0: only with each checkpoint)
+        "compile": False,           # torch.compile the network's blocks for training
+    },
+    "data": {
+        "name": "imagefolder",      # imagefolder | synthetic | captions
+        "root": None,
+        "resolution": 256,
+        "center_crop": True,
+        "expand_ratio": 1.125,
+        "batch_size": 32,           # per process
+        "num_workers": 4,
+        "captions_file": "captions.jsonl",  # data.name=captions: JSON lines {"file": ..., "caption": ...}
+        "cache_text_features": False,      # data.name=captions: encode each caption once and keep it on disk
+        "synthetic_size": 4096,            # data.name=synthetic: images per epoch
+        "synthetic_classes": 4,
+    },
+    "text_encoder": {"name": "google/flan-t5-xl", "max_length": 512},
+    "preview": {"num_inference_steps": 10, "guidance_scale": 2.0, "images_per_class": 4, "num_classes": 8,
+                "prompts": []},
+    "seed": 42,
+}
+
+# Sections a released config may omit or carry that we accept as is.
+_FREE_FORM = {("model", "params")}
+
+
+def default_config() -> DictConfig:
+    return OmegaConf.create(DEFAULTS)
+
+
+def _check_keys(user: DictConfig, schema: DictConfig, path: tuple[str, ...] = ()) -> None:
+    for key in user.keys():
+        where = ".".join(path + (str(key),))
+        if key not in schema:
+            valid = ", ".join(".".join(path + (str(k),)) for k in schema.keys())
+            raise ValueError(f"unknown config key {where!r}; valid keys here: {valid}")
+        value, spec = user[key], schema[key]
+        if isinstance(spec, DictConfig) and (path + (str(key),)) not in _FREE_FORM:
+            if value is not None and not isinstance(value, DictConfig):
+                raise ValueError(f"config key {where!r} must be a section, got {value!r}")
+            if value is not None:
+                _check_keys(value, spec, path + (str(key),))
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ValueError(f"overrides must look like key=value (e.g. train.max_steps=200), got {bad}")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- YAML file <- key=value overrides, each checked for unknown keys."""
+    config = default_config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        user = OmegaConf.load(path)
+        if not isinstance(user, DictConfig):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(user).__name__}")
+        _check_keys(user, config)
+        config = OmegaConf.merge(config, user)
+    if overrides:
+        dot = parse_overrides(overrides)
+        _check_keys(dot, config)
+        config = OmegaConf.merge(config, dot)
+    return config
+
+
+def validate_train_config(config: DictConfig) -> None:
+    """Check a training config before any work starts; errors name the key, the value and what is expected."""
+    from .checkpoint import build_model
+
+    model = build_model(config, meta=True)  # constructor checks model.params by name and value
+    stages = int(config.scheduler.num_stages)
+    data, train = config.data, config.train
+    multiple = model.patch_size * 2 ** (stages - 1)
+    if not isinstance(data.resolution, int) or data.resolution < multiple or data.resolution % multiple:
+        raise ValueError(f"data.resolution={data.resolution} must be a positive multiple of {multiple} "
+                         f"(model.params.patch_size {model.patch_size} x 2^(num_stages-1) with num_stages {stages})")
+    if not isinstance(data.batch_size, int) or data.batch_size < stages:
+        raise ValueError(f"data.batch_size={data.batch_size} must be at least scheduler.num_stages={stages}: "
+                         "every batch trains each stage")
+    if data.name not in ("imagefolder", "synthetic", "captions"):
+        raise ValueError(f"data.name={data.name!r}; expected imagefolder, synthetic or captions")
+    if data.name in ("imagefolder", "captions"):
+        if not data.root:
+            raise ValueError(f"data.root is not set; data.name={data.name} needs a folder of images "
+                             "(or use data.name=synthetic for the built-in dataset)")
+        if not Path(data.root).is_dir():
+            raise ValueError(f"data.root={data.root!r} does not exist or is not a folder")
+    if data.name == "captions" and model.cross_attention_dim is None:
+        raise ValueError("data.name=captions trains text-to-image: model.params.cross_attention_dim must be set")
+    if data.name != "captions" and model.num_classes == 0:
+        raise ValueError(f"data.name={data.name} gives class labels but model.params.num_classes is 0")
+    if data.name == "synthetic" and data.synthetic_classes > model.num_classes:
+        raise ValueError(f"data.synthetic_classes={data.synthetic_classes} exceeds model.params.num_classes="
+                         f"{model.num_classes}")
+    if train.max_steps is not None and (not isinstance(train.max_steps, int) or train.max_steps < 1):
+        raise ValueError(f"train.max_steps={train.max_steps} must be a positive int or null")
+    if not isinstance(train.epochs, int) or train.epochs < 1:
+        raise ValueError(f"train.epochs={train.epochs} must be a positive int")
+    if not 0 <= float(train.ema_decay) <= 1:
+        raise ValueError(f"train.ema_decay={train.ema_decay} must be in [0, 1]")
+    if not 0 <= float(train.label_dropout) < 1:
+        raise ValueError(f"train.label_dropout={train.label_dropout} must be in [0, 1)")
+    if train.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.precision={train.precision!r}; expected auto, bf16 or fp32")
+    if not isinstance(train.keep_checkpoints, int) or train.keep_checkpoints < 1:
+        raise ValueError(f"train.keep_checkpoints={train.keep_checkpoints} must be an int >= 1")
+    if not isinstance(train.betas, (list, ListConfig)) or len(train.betas) != 2:
+        raise ValueError(f"train.betas={train.betas} must be two numbers")
+
+
+def to_yaml(config: DictConfig) -> str:
+    return OmegaConf.to_yaml(config, resolve=True)

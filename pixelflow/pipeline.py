@@ -1,0 +1,399 @@
+"""The cascade sampler: the one sampling loop that sample_ddp.py, the demo and training previews call.
+
+Stage 0 starts from Gaussian noise at R / 2^(S-1); every later stage upsamples (nearest, x2), renoises with
+block noise and integrates its own flow from in-stage time 0 to 1 (SPEC section 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from .checkpoint import load_pretrained
+from .scheduler import PixelFlowScheduler
+from .scheduler.scheduling_pixelflow import randn
+
+SOLVERS = ("euler", "dopri5")
+OUTPUT_TYPES = ("np", "pil", "pt", "uint8")
+# Class-to-image guidance ramps over the stages: w_k = 1 + (g - 1) * kappa_k. The release's values for four
+# stages; for other stage counts kappa rises linearly from 0 at the coarsest stage to 1 at the finest.
+RELEASE_GUIDANCE_RAMP = {4: (0.0, 1.0 / 6.0, 2.0 / 3.0, 1.0)}
+DOPRI5_ATOL, DOPRI5_RTOL = 1e-6, 1e-3
+
+
+def guidance_ramp(num_stages: int) -> tuple[float, ...]:
+    """kappa_k per stage for class-to-image guidance (see RELEASE_GUIDANCE_RAMP)."""
+    if num_stages in RELEASE_GUIDANCE_RAMP:
+        return RELEASE_GUIDANCE_RAMP[num_stages]
+    if num_stages == 1:
+        return (1.0,)
+    return tuple(k / (num_stages - 1) for k in range(num_stages))
+
+
+def stage_guidance_weights(guidance_scale: float, num_stages: int, class_conditional: bool) -> list[float]:
+    """Per-stage guidance weights w_k. Class-to-image ramps (guidance_ramp); text-to-image uses g everywhere.
+
+    As in the release, guidance_scale 0 means no guidance (every w_k = 1).
+    """
+    if guidance_scale == 0:
+        return [1.0] * num_stages
+    if not class_conditional:
+        return [float(guidance_scale)] * num_stages
+    return [1.0 + (guidance_scale - 1.0) * kappa for kappa in guidance_ramp(num_stages)]
+
+
+class PixelFlowPipeline:
+    """Samples images from a PixelFlowModel with the cascade of PixelFlowScheduler.
+
+    model: the network; scheduler: its stage tables; resolution: the default output size.
+    text_encoder / tokenizer: a T5 encoder and its tokenizer for text-to-image models.
+    autocast_dtype: e.g. torch.bfloat16 to run the network under autocast on CUDA (None = float32).
+    """
+
+    def __init__(self, model: torch.nn.Module, scheduler: PixelFlowScheduler, resolution: int = 256,
+                 text_encoder=None, tokenizer=None, max_text_length: int = 512,
+                 autocast_dtype: torch.dtype | None = None, config: DictConfig | None = None):
+        self.model = model
+        self.scheduler = scheduler
+        self.resolution = resolution
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.max_text_length = max_text_length
+        self.autocast_dtype = autocast_dtype
+        self.config = config
+        self.denoiser = model  # what the sampling loop calls; pixelflow.fast may swap in a compiled copy
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu", text_encoder=None,
+                        tokenizer=None, autocast_dtype: torch.dtype | None = None) -> "PixelFlowPipeline":
+        """Load a pretrained folder: config.yaml + model.pt (flat, or wrapped as {"model"}/{"ema"}) or
+        model.safetensors. Text-to-image folders also need a T5 encoder and tokenizer: pass them, or the
+        config's text encoder (text_encoder.name, default google/flan-t5-xl) is loaded with transformers."""
+        model, config = load_pretrained(folder, device=device)
+        sched_cfg = config.get("scheduler", {})
+        scheduler = PixelFlowScheduler(
+            num_train_timesteps=int(sched_cfg.get("num_train_timesteps", 1000)),
+            num_stages=int(sched_cfg.get("num_stages", 4)),
+            pyramid_shift=bool(sched_cfg.get("pyramid_shift", False)),
+        )
+        resolution = int(config.get("data", {}).get("resolution", 256))
+        max_length = 512
+        if model.cross_attention_dim is not None:
+            from .text import load_text_encoder, text_encoder_settings
+            name, max_length = text_encoder_settings(config)
+            if text_encoder is None or tokenizer is None:
+                text_encoder, tokenizer = load_text_encoder(name, device=device, text_encoder=text_encoder,
+                                                            tokenizer=tokenizer,
+                                                            feature_dim=model.cross_attention_dim)
+        return cls(model, scheduler, resolution=resolution, text_encoder=text_encoder, tokenizer=tokenizer,
+                   max_text_length=max_length, autocast_dtype=autocast_dtype, config=config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def class_conditional(self) -> bool:
+        return getattr(self.model, "num_classes", 0) > 0
+
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths must be multiples of this: patch_size * 2^(stages-1)."""
+        return self.model.patch_size * 2 ** (self.scheduler.num_stages - 1)
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 features (B, L, C) and padding mask (B, L) (1 = keep), padded to max_text_length."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this pipeline has no text encoder; pass text_encoder= and tokenizer= to from_pretrained")
+        from .text import encode_text
+        return encode_text(self.text_encoder, self.tokenizer, list(prompts), self.max_text_length, self.device)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Sequence[int] | torch.Tensor | int | None = None,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | Sequence[int] = 30,
+        guidance_scale: float = 2.4,
+        guidance_weights: Sequence[float] | None = None,
+        shift: float = 1.0,
+        solver: str = "euler",
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        stage_noise: Sequence[torch.Tensor] | None = None,
+        output_type: str = "np",
+        progress: bool = False,
+        atol: float = DOPRI5_ATOL,
+        rtol: float = DOPRI5_RTOL,
+    ):
+        """Sample images.
+
+        class_labels: (B,) ints in [0, num_classes) for class-to-image; prompt: str or list for text-to-image.
+        num_inference_steps: Euler steps, one int for every stage or one per stage.
+        guidance_scale: g >= 0; per-stage weights from stage_guidance_weights unless guidance_weights is given.
+        generator: one torch.Generator, or one per image (image b's noise then depends on generator[b] only).
+        latents: (B, 3, H/2^(S-1), W/2^(S-1)) initial noise; stage_noise: block noise for stages 1..S-1
+        at each stage's size (rows past B are ignored).
+        Returns per output_type: "np" (B, H, W, 3) float32 in [0, 1]; "pt" the same as a tensor;
+        "uint8" (B, H, W, 3) uint8 numpy; "pil" a list of PIL images.
+        """
+        S = self.scheduler.num_stages
+        height = self.resolution if height is None else height
+        width = self.resolution if width is None else width
+        steps = self._check_steps(num_inference_steps)
+        self._check_call(height, width, guidance_scale, solver, output_type, shift)
+        conditions, batch = self._conditions(class_labels, prompt, negative_prompt, num_images_per_prompt)
+        if guidance_weights is not None:
+            weights = [float(w) for w in guidance_weights]
+            if len(weights) != S:
+                raise ValueError(f"guidance_weights needs one weight per stage ({S}), got {len(weights)}")
+        else:
+            weights = stage_guidance_weights(guidance_scale, S, self.class_conditional)
+        generators = self._check_generators(generator, batch)
+
+        device = self.device
+        h0, w0 = height // 2 ** (S - 1), width // 2 ** (S - 1)
+        if latents is None:
+            z = self._randn((batch, 3, h0, w0), generators, device)
+        else:
+            if tuple(latents.shape) != (batch, 3, h0, w0):
+                raise ValueError(f"latents must be {(batch, 3, h0, w0)} for {height}x{width}, got {tuple(latents.shape)}")
+            z = latents.to(device=device, dtype=torch.float32)
+        if stage_noise is not None and len(stage_noise) != S - 1:
+            raise ValueError(f"stage_noise needs {S - 1} tensors (stages 1..{S - 1}), got {len(stage_noise)}")
+
+        # dopri5 as the release runs it: whenever guidance is on, the ODE state is doubled and the second half
+        # (the "shadow") follows the first half's velocity but gets its own block noise at every stage. It never
+        # reaches the output; it only enters the adaptive step-size norm, so keeping it reproduces the release.
+        shadowed = solver == "dopri5" and (any(w != 1.0 for w in weights) if guidance_weights is not None
+                                           else guidance_scale > 0)
+        shadow = z if shadowed else None
+        bar = _progress(sum(steps) if solver == "euler" else S, progress)
+        for stage in range(S):
+            if stage > 0:
+                rows = 2 * batch if shadowed else batch
+                noise = self._stage_noise(stage, rows, z.shape, generators,
+                                          None if stage_noise is None else stage_noise[stage - 1])
+                z = self._renoise(z, stage, noise[:batch])
+                if shadowed:
+                    shadow = self._renoise(shadow, stage, noise[batch:])
+            velocity = self._velocity_fn(z.shape, conditions, weights[stage])
+            if solver == "euler":
+                z = self._euler(z, stage, steps[stage], shift, velocity, bar)
+            else:
+                z, shadow = self._dopri5(z, shadow, stage, velocity, atol, rtol)
+                bar.update(1)
+        bar.close()
+        return self._output(z, output_type)
+
+    def _stage_noise(self, stage: int, rows: int, shape, generators, given: torch.Tensor | None) -> torch.Tensor:
+        """Block noise (rows, C, 2h, 2w) for the start of `stage`: the given tensor's first rows, else drawn.
+
+        With a shadow (dopri5 with guidance) rows = 2B: rows B..2B renoise the shadow; a list of
+        per-image generators then draws the B main rows first, then the B shadow rows.
+        """
+        b, c, h, w = shape
+        h, w = 2 * h, 2 * w
+        if given is not None:
+            if given.shape[0] < b or tuple(given.shape[1:]) != (c, h, w):
+                raise ValueError(f"stage_noise[{stage - 1}] must be at least ({b}, {c}, {h}, {w}), "
+                                 f"got {tuple(given.shape)}")
+            given = given.to(device=self.device, dtype=torch.float32)
+            if given.shape[0] >= rows:
+                return given[:rows]
+            # Too few rows for the shadow: the missing ones are drawn.
+            extra = self._block_noise(rows - given.shape[0], c, h, w, generators, shadow=True)
+            return torch.cat([given, extra])
+        if isinstance(generators, list) and rows > b:
+            return torch.cat([self._block_noise(b, c, h, w, generators),
+                              self._block_noise(b, c, h, w, generators)])
+        return self._block_noise(rows, c, h, w, generators)
+
+    def _renoise(self, z: torch.Tensor, stage: int, noise: torch.Tensor) -> torch.Tensor:
+        """z <- alpha * upsample(z) + beta * block_noise."""
+        alpha, beta = self.scheduler.renoise_coefficients(stage)
+        return alpha * F.interpolate(z, scale_factor=2, mode="nearest") + beta * noise
+
+    def _euler(self, z, stage, steps, shift, velocity, bar) -> torch.Tensor:
+        self.scheduler.set_timesteps(steps, stage, shift=shift)
+        times = self.scheduler.timesteps.tolist()  # host floats: no device syncs in the loop
+        grid = self.scheduler.t.tolist()
+        for i, model_time in enumerate(times):
+            z = z + (grid[i + 1] - grid[i]) * velocity(z, model_time)
+            bar.update(1)
+        return z
+
+    def _dopri5(self, z, shadow, stage, velocity, atol, rtol) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Integrate in-stage time s from 0 to 1 with adaptive Dormand-Prince (torchdiffeq)."""
+        from torchdiffeq import odeint
+
+        batch = z.shape[0]
+
+        def rhs(s: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+            v = velocity(state[:batch], self.scheduler.model_time(stage, s))
+            return v if shadow is None else torch.cat([v, v])
+
+        state = z if shadow is None else torch.cat([z, shadow])
+        span = torch.tensor([0.0, 1.0], device=z.device, dtype=torch.float32)
+        end = odeint(rhs, state, span, method="dopri5", atol=atol, rtol=rtol)[-1]
+        return end[:batch], (None if shadow is None else end[batch:])
+
+    def _velocity_fn(self, shape, conditions: dict, weight: float):
+        """v(z, T) for one stage: guided when weight != 1 (the null batch is skipped when it is exactly 1)."""
+        guided = weight != 1.0
+        batch = shape[0]
+        cond = conditions["cond"]
+        both = conditions["both"] if guided else None
+        device = self.device
+
+        def velocity(z: torch.Tensor, model_time) -> torch.Tensor:
+            inputs = torch.cat([z, z]) if guided else z
+            n = inputs.shape[0]
+            if torch.is_tensor(model_time):
+                timestep = model_time.to(device=device, dtype=torch.float32).expand(n)
+            else:
+                timestep = torch.full((n,), model_time, device=device, dtype=torch.float32)
+            with self._autocast():
+                v = self.denoiser(inputs, timestep, **(both if guided else cond)).float()
+            if not guided:
+                return v
+            v_cond, v_null = v[:batch], v[batch:]
+            return v_null + weight * (v_cond - v_null)
+
+        return velocity
+
+    # ------------------------------------------------------------------ inputs
+    def _conditions(self, class_labels, prompt, negative_prompt, num_images_per_prompt) -> tuple[dict, int]:
+        """Model keyword arguments for the conditional batch ("cond") and the [cond; null] batch ("both")."""
+        device = self.device
+        if self.class_conditional:
+            if prompt is not None:
+                raise ValueError("this is a class-to-image model: pass class_labels, not prompt")
+            if class_labels is None:
+                raise ValueError("class_labels is required for a class-to-image model")
+            labels = torch.as_tensor(class_labels).reshape(-1).long()
+            if labels.numel() == 0:
+                raise ValueError("class_labels is empty")
+            num_classes = self.model.num_classes
+            bad = labels[(labels < 0) | (labels >= num_classes)]
+            if bad.numel():
+                raise ValueError(f"class label {bad[0].item()} is outside [0, {num_classes}); "
+                                 f"the model has {num_classes} classes")
+            labels = labels.repeat_interleave(num_images_per_prompt).to(device)
+            null = torch.full_like(labels, self.model.null_label)
+            return {"cond": {"class_labels": labels}, "both": {"class_labels": torch.cat([labels, null])}}, len(labels)
+
+        if class_labels is not None:
+            raise ValueError("this is a text-to-image model: pass prompt, not class_labels")
+        if prompt is None:
+            raise ValueError("prompt is required for a text-to-image model")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is an empty list; pass at least one prompt")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+        negative = "" if negative_prompt is None else negative_prompt
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        features, mask = self.encode_prompt(prompts + negatives)
+        features = features.repeat_interleave(num_images_per_prompt, dim=0)
+        mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
+        batch = len(prompts) * num_images_per_prompt
+        cond = {"encoder_hidden_states": features[:batch], "encoder_attention_mask": mask[:batch]}
+        both = {"encoder_hidden_states": features, "encoder_attention_mask": mask}
+        return {"cond": cond, "both": both}, batch
+
+    def _check_steps(self, num_inference_steps) -> list[int]:
+        S = self.scheduler.num_stages
+        if isinstance(num_inference_steps, (int, np.integer)):
+            steps = [int(num_inference_steps)] * S
+        else:
+            steps = [int(s) for s in num_inference_steps]
+            if len(steps) != S:
+                raise ValueError(f"num_inference_steps needs one int per stage ({S}), got {len(steps)}: "
+                                 f"{list(num_inference_steps)}")
+        if min(steps) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1 at every stage, got {steps}")
+        return steps
+
+    def _check_call(self, height, width, guidance_scale, solver, output_type, shift) -> None:
+        m = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < m or value % m:
+                raise ValueError(f"{name}={value} must be a positive multiple of {m} "
+                                 f"(patch_size {self.model.patch_size} x 2^(stages-1))")
+        if not guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+
+    def _check_generators(self, generator, batch: int):
+        if generator is None or isinstance(generator, torch.Generator):
+            return generator
+        generators = list(generator)
+        if len(generators) != batch:
+            raise ValueError(f"got {len(generators)} generators for {batch} images; pass one, or one per image")
+        return generators
+
+    def _randn(self, shape, generators, device) -> torch.Tensor:
+        if isinstance(generators, list):
+            return torch.cat([randn((1, *shape[1:]), g, device, torch.float32) for g in generators])
+        return randn(shape, generators, device, torch.float32)
+
+    def _block_noise(self, b, c, h, w, generators, shadow: bool = False) -> torch.Tensor:
+        if shadow and isinstance(generators, list):
+            generators = generators[:b]
+        return self.scheduler.sample_block_noise(b, c, h, w, generator=generators, device=self.device)
+
+    def _autocast(self):
+        if self.autocast_dtype is None or self.autocast_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @staticmethod
+    def _output(z: torch.Tensor, output_type: str):
+        images = (z / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+        if output_type == "pt":
+            return images
+        if output_type == "np":
+            return images.cpu().numpy()
+        pixels = (images * 255).round().to(torch.uint8).cpu().numpy()
+        if output_type == "uint8":
+            return pixels
+        from PIL import Image
+        return [Image.fromarray(p) for p in pixels]
+
+
+def _progress(total: int, enabled: bool):
+    if enabled:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc="sampling", unit="step", leave=False)
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
