@@ -128,8 +128,46 @@ def load_config(folder: str | os.PathLike) -> DictConfig:
     return OmegaConf.load(path)
 
 
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """OUTPUT/checkpoints/<step, 7 digits>: one training checkpoint, itself a pretrained folder."""
+    return Path(output_dir) / CHECKPOINTS_DIR / f"{step:07d}"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete training checkpoints under OUTPUT/checkpoints, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / "config.yaml").is_file()
+             and any((p / w).is_file() for w in WEIGHT_FILES)]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def resolve_pretrained(path: str | os.PathLike) -> Path:
+    """A pretrained folder (config.yaml + weights) as given, or the newest checkpoint of a training run's
+    output folder (OUTPUT/checkpoints/<step>/)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint folder {str(path)!r} does not exist")
+    if (path / "config.yaml").is_file():
+        return path
+    runs = list_checkpoints(path)
+    if runs:
+        return runs[-1]
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is not a folder; expected a folder with config.yaml and model.pt")
+    raise ValueError(f"checkpoint folder {str(path)!r} has no config.yaml (and no checkpoints/<step>/ inside)")
+
+
 def load_pretrained(folder: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, DictConfig]:
-    """Load a pretrained folder (config.yaml + model.pt/.safetensors) -> (model in eval mode, config)."""
+    """Load a pretrained folder (config.yaml + model.pt/.safetensors) -> (model in eval mode, config).
+
+    A training run's output folder loads its newest checkpoint.
+    """
+    folder = resolve_pretrained(folder)
     config = load_config(folder)
     weights = find_weights(folder)
     model = build_model(config, meta=True)  # no init work: every tensor comes from the file
