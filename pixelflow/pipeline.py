@@ -9,16 +9,17 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
-from .checkpoint import load_pretrained
 from .scheduler import PixelFlowScheduler
 from .scheduler.scheduling_pixelflow import randn
+
+if TYPE_CHECKING:  # omegaconf is needed only to load a pretrained folder (from_pretrained imports it then)
+    from omegaconf import DictConfig
 
 SOLVERS = ("euler", "dopri5")
 OUTPUT_TYPES = ("np", "pil", "pt", "uint8")
@@ -77,6 +78,8 @@ class PixelFlowPipeline:
         """Load a pretrained folder: config.yaml + model.pt (flat, or wrapped as {"model"}/{"ema"}) or
         model.safetensors. Text-to-image folders also need a T5 encoder and tokenizer: pass them, or the
         config's text encoder (text_encoder.name, default google/flan-t5-xl) is loaded with transformers."""
+        from .checkpoint import load_pretrained
+
         model, config = load_pretrained(folder, device=device)
         sched_cfg = config.get("scheduler", {})
         scheduler = PixelFlowScheduler(
@@ -155,8 +158,9 @@ class PixelFlowPipeline:
         S = self.scheduler.num_stages
         height = self.resolution if height is None else height
         width = self.resolution if width is None else width
-        steps = self._check_steps(num_inference_steps)
         self._check_call(height, width, guidance_scale, solver, output_type, shift)
+        height, width = int(height), int(width)
+        steps = self._check_steps(num_inference_steps)
         conditions, batch = self._conditions(class_labels, prompt, negative_prompt, num_images_per_prompt)
         if guidance_weights is not None:
             weights = [float(w) for w in guidance_weights]
@@ -286,9 +290,14 @@ class PixelFlowPipeline:
                 raise ValueError("this is a class-to-image model: pass class_labels, not prompt")
             if class_labels is None:
                 raise ValueError("class_labels is required for a class-to-image model")
-            labels = torch.as_tensor(class_labels).reshape(-1).long()
+            labels = torch.as_tensor(class_labels).reshape(-1)
             if labels.numel() == 0:
                 raise ValueError("class_labels is empty")
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise ValueError(f"class labels must be integers, got {labels.tolist()[:8]}")
+            if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+                raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+            labels = labels.long()
             num_classes = self.model.num_classes
             bad = labels[(labels < 0) | (labels >= num_classes)]
             if bad.numel():
@@ -324,7 +333,10 @@ class PixelFlowPipeline:
         if isinstance(num_inference_steps, (int, np.integer)):
             steps = [int(num_inference_steps)] * S
         else:
-            steps = [int(s) for s in num_inference_steps]
+            given = [num_inference_steps] if np.ndim(num_inference_steps) == 0 else list(num_inference_steps)
+            if not all(isinstance(s, (int, np.integer)) for s in given):
+                raise ValueError(f"num_inference_steps must be an int or one int per stage, got {num_inference_steps!r}")
+            steps = [int(s) for s in given]
             if len(steps) != S:
                 raise ValueError(f"num_inference_steps needs one int per stage ({S}), got {len(steps)}: "
                                  f"{list(num_inference_steps)}")
@@ -335,7 +347,7 @@ class PixelFlowPipeline:
     def _check_call(self, height, width, guidance_scale, solver, output_type, shift) -> None:
         m = self.size_multiple
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value < m or value % m:
+            if not isinstance(value, (int, np.integer)) or value < m or value % m:
                 raise ValueError(f"{name}={value} must be a positive multiple of {m} "
                                  f"(patch_size {self.model.patch_size} x 2^(stages-1))")
         if not guidance_scale >= 0:

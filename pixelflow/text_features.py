@@ -1,0 +1,68 @@
+"""Caption features for text-to-image training: T5 features computed on the fly or cached on disk.
+
+Features are kept unpadded per caption and padded to the longest caption of each batch; the padding
+mask makes that exact (a caption's features do not depend on how far it is padded).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from .checkpoint import atomic_save
+from .text import encode_text, load_text_encoder, text_encoder_settings
+
+
+class TextFeatures:
+    def __init__(self, config: DictConfig, device: torch.device, output_dir: Path):
+        name, self.max_length = text_encoder_settings(config)
+        feature_dim = config.model.params.get("cross_attention_dim")
+        self.encoder, self.tokenizer = load_text_encoder(name, device=device, feature_dim=feature_dim)
+        self.device = device
+        self.cache_dir = None
+        if config.data.get("cache_text_features", False):
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+            self.cache_dir = Path(output_dir) / "text_cache" / f"{slug}-{self.max_length}"
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.empty = self._encode([""])[0]
+
+    def _encode(self, captions: list[str]) -> list[torch.Tensor]:
+        features, mask = encode_text(self.encoder, self.tokenizer, captions, self.max_length, self.device)
+        return [f[: int(m.sum())] for f, m in zip(features, mask)]
+
+    def _cached(self, captions: list[str], indices: list[int]) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(captions)
+        missing = []
+        for i, index in enumerate(indices):
+            path = self.cache_dir / f"{index:09d}.pt"
+            if path.is_file():
+                out[i] = torch.load(path, map_location=self.device, weights_only=True).float()
+            else:
+                missing.append(i)
+        if missing:
+            for i, features in zip(missing, self._encode([captions[i] for i in missing])):
+                atomic_save(features.half().cpu(), self.cache_dir / f"{indices[i]:09d}.pt")
+                out[i] = features.half().float()  # what a later read of the cache gives
+        return out
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str], indices: torch.Tensor, dropped: torch.Tensor):
+        """Features (B, Lmax, C) float32 and mask (B, Lmax); dropped captions get the empty prompt's."""
+        keep = [i for i, d in enumerate(dropped.tolist()) if not d]
+        features: list[torch.Tensor] = [self.empty] * len(captions)
+        if keep:
+            texts = [captions[i] for i in keep]
+            encoded = (self._cached(texts, [int(indices[i]) for i in keep]) if self.cache_dir is not None
+                       else self._encode(texts))
+            for i, f in zip(keep, encoded):
+                features[i] = f
+        longest = max(f.shape[0] for f in features)
+        batch = torch.zeros(len(features), longest, features[0].shape[-1], device=self.device)
+        mask = torch.zeros(len(features), longest, dtype=torch.long, device=self.device)
+        for i, f in enumerate(features):
+            batch[i, : f.shape[0]] = f
+            mask[i, : f.shape[0]] = 1
+        return batch, mask

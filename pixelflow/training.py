@@ -1,0 +1,487 @@
+"""The training loop: packed multi-resolution batches, AdamW, EMA, atomic checkpoints and exact resume.
+
+Every random draw of a step (stage assignment, model times, noise, label dropout) comes from generators
+seeded by (seed, rank, step), and the data order and augmentation from (seed, epoch, index). A resumed
+run therefore replays exactly the steps the interrupted one would have taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from . import distributed
+from .batching import assign_stages, pack_batch, per_image_mse
+from .checkpoint import (atomic_save, atomic_write, build_model, checkpoint_dir, list_checkpoints, load_weights,
+                         read_state_dict, resolve_pretrained)
+from .config import to_yaml, validate_train_config
+from .data import ResumableShardSampler, build_dataset, gather_examples, image_grid
+from .scheduler import PixelFlowScheduler
+
+log = logging.getLogger("pixelflow.train")
+TRAINING_STATE = "training_state.pt"
+KILL_HOOK = "PIXELFLOW_TEST_KILL_IN_CHECKPOINT"  # tests: SIGKILL this process half-way through writing step N
+
+
+@dataclass
+class TrainOptions:
+    output_dir: str = "./exp0001"
+    resume: bool = False
+    logging_steps: int = 10
+    checkpoint_steps: int = 1000
+    pretrained_model: str | None = None
+    report_to: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Progress:
+    step: int = 0          # optimizer steps done
+    epoch: int = 0
+    position: int = 0      # batches done in the current epoch
+    skipped_images: int = 0
+    history: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- small pieces
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over parameters (decay 0 copies, 1 freezes)."""
+    ema_params = list(ema.parameters())
+    model_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"train.precision={precision} needs CUDA; this run is on {device}")
+    return torch.bfloat16
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": list(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def setup_logging(output_dir: Path, is_main: bool) -> None:
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    log.propagate = False
+    if not is_main:
+        return
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (logging.FileHandler(output_dir / "log.txt"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+class Reporter:
+    """metrics.jsonl on rank 0, plus tensorboard or wandb when --report-to asks."""
+
+    def __init__(self, output_dir: Path, report_to: str | None, config: DictConfig, is_main: bool, resume_step: int):
+        self.is_main, self.path = is_main, output_dir / "metrics.jsonl"
+        self.writer = self.wandb = None
+        if not is_main:
+            return
+        if self.path.exists():  # drop rows past the checkpoint we resume from: they will be redone
+            rows = [r for r in self.path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= resume_step]
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        elif report_to == "wandb":
+            import wandb
+            self.wandb = wandb.init(dir=str(output_dir), config=OmegaConf.to_container(config, resolve=True))
+
+    def __call__(self, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if k != "step":
+                    self.writer.add_scalar(f"train/{k}", v, metrics["step"])
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=metrics["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def check_report_to(report_to: str | None) -> None:
+    import importlib.util
+    if report_to in (None, "", "none"):
+        return
+    needs = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    if report_to not in needs:
+        raise ValueError(f"--report-to {report_to!r}; expected tensorboard or wandb")
+    if importlib.util.find_spec(needs[report_to]) is None:
+        raise ValueError(f"--report-to {report_to} needs the {needs[report_to]} package: pip install {needs[report_to]}")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(output_dir: Path, config: DictConfig, model: torch.nn.Module, ema: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, progress: Progress, rng_states: list, keep: int) -> Path:
+    """Write OUTPUT/checkpoints/<step>/ = config.yaml + model.pt (EMA, flat) + training_state.pt.
+
+    The folder is assembled under a temporary name and renamed into place, so a kill at any moment leaves
+    the earlier checkpoints intact and never a half-written one under a checkpoint name.
+    """
+    final = checkpoint_dir(output_dir, progress.step)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    atomic_write(tmp / "config.yaml", lambda p: Path(p).write_text(to_yaml(config)))
+    atomic_save({k: v.detach().float().cpu() for k, v in ema.state_dict().items()}, tmp / "model.pt")
+    if os.environ.get(KILL_HOOK) == str(progress.step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    atomic_save({
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "position": progress.position,
+        "skipped_images": progress.skipped_images,
+        "world_size": len(rng_states),
+        "rng": rng_states,
+    }, tmp / TRAINING_STATE)
+    _fsync_dir(tmp)
+    if final.exists():  # the same step written again (a resumed run that died right after saving)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def latest_training_checkpoint(output_dir: Path) -> Path | None:
+    found = [p for p in list_checkpoints(output_dir) if (p / TRAINING_STATE).is_file()]
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------- the trainer
+class Trainer:
+    def __init__(self, config: DictConfig, options: TrainOptions):
+        self.config, self.options = config, options
+        validate_train_config(config)
+        check_report_to(options.report_to)
+        for name in ("logging_steps", "checkpoint_steps"):
+            value = getattr(options, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value!r}")
+        self.output_dir = Path(options.output_dir)
+        self.resume_from = self._find_resume()
+        if options.pretrained_model is not None:
+            self._pretrained_path = Path(options.pretrained_model)
+            if not self._pretrained_path.exists():
+                raise ValueError(f"--pretrained-model {options.pretrained_model!r} does not exist")
+
+        self.dist = distributed.init_distributed()
+        self.device = self.dist.device
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.output_dir, self.dist.is_main)
+        if self.dist.is_main:  # a run killed while saving leaves a temporary folder behind
+            for stale in (self.output_dir / "checkpoints").glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.amp_dtype = autocast_dtype(config.train.precision, self.device)
+        self.seed = int(config.seed)
+
+        self.dataset = build_dataset(config, seed=self.seed)
+        self.scheduler = PixelFlowScheduler(int(config.scheduler.num_train_timesteps),
+                                            int(config.scheduler.num_stages),
+                                            pyramid_shift=bool(config.scheduler.pyramid_shift))
+        torch.manual_seed(self.seed)  # the same initial weights on every rank
+        self.model = build_model(config, device=self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        train = config.train
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(train.lr),
+                                           weight_decay=float(train.weight_decay), betas=tuple(train.betas))
+        self.progress = Progress()
+        self.text = None
+        if self.model.cross_attention_dim is not None:
+            from .text_features import TextFeatures
+            self.text = TextFeatures(config, self.device, self.output_dir)
+
+        if self.resume_from is not None:
+            self._load_resume(self.resume_from)
+        elif options.pretrained_model is not None:
+            state = read_state_dict(self._pretrained_weights())
+            load_weights(self.model, state, source=options.pretrained_model)
+            load_weights(self.ema, state, source=options.pretrained_model)
+
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                            else None) if self.dist.initialized else self.model)
+        self.sampler = ResumableShardSampler(len(self.dataset), int(config.data.batch_size), self.dist.rank,
+                                             self.dist.world_size, seed=self.seed)
+        self.total_steps = (int(train.max_steps) if train.max_steps is not None
+                            else int(train.epochs) * self.sampler.batches_per_epoch)
+
+    # -- setup helpers
+    def _find_resume(self) -> Path | None:
+        latest = latest_training_checkpoint(self.output_dir)
+        if self.options.resume:
+            return latest
+        if latest is not None:
+            raise ValueError(f"{str(self.output_dir)!r} already holds checkpoints (newest {latest.name}); pass --resume "
+                             "to continue that run, or choose another --output-dir")
+        return None
+
+    def _pretrained_weights(self) -> Path:
+        path = self._pretrained_path
+        if path.is_dir():
+            from .checkpoint import find_weights
+            return find_weights(resolve_pretrained(path))
+        return path
+
+    def _load_resume(self, folder: Path) -> None:
+        saved = OmegaConf.load(folder / "config.yaml")
+        if OmegaConf.to_container(saved.model) != OmegaConf.to_container(self.config.model):
+            raise ValueError(f"cannot resume from {folder}: its model config {OmegaConf.to_container(saved.model)} "
+                             f"differs from this run's {OmegaConf.to_container(self.config.model)}")
+        state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
+        load_weights(self.model, state["model"], source=str(folder / TRAINING_STATE))
+        load_weights(self.ema, read_state_dict(folder / "model.pt"), source=str(folder / "model.pt"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = Progress(step=state["step"], epoch=state["epoch"], position=state["position"],
+                                 skipped_images=state["skipped_images"])
+        if state["world_size"] == self.dist.world_size:
+            set_rng_state(state["rng"][self.dist.rank])
+        self._log(f"resumed from {folder} at step {state['step']} (epoch {state['epoch']}, batch {state['position']})")
+
+    def _log(self, message: str) -> None:
+        if self.dist.is_main:
+            log.info(message)
+
+    # -- one step
+    def _batch_inputs(self, batch: dict, step: int):
+        """Pack a loader batch for `step`: every random draw from generators seeded by (seed, rank, step)."""
+        seed = step_seed(self.seed, self.dist.rank, step)
+        cpu_gen = torch.Generator().manual_seed(seed)
+        dev_gen = torch.Generator(self.device).manual_seed(seed)
+        images = batch["images"].to(self.device, non_blocking=True)
+        n = images.shape[0]
+        stages = assign_stages(n, self.scheduler.num_stages, cpu_gen)
+        timestep_index = torch.randint(0, self.scheduler.num_train_timesteps, (n,), generator=cpu_gen)
+        drop = torch.rand(n, generator=cpu_gen) < float(self.config.train.label_dropout)
+        packed = pack_batch(self.scheduler, images, stages, timestep_index,
+                            lambda stage, shape: torch.randn(shape, generator=dev_gen, device=self.device),
+                            self.model.patch_size)
+        kwargs = {"grid_sizes": packed.grid_sizes}
+        if self.text is None:
+            labels = batch["labels"].clone()
+            labels[drop] = self.model.null_label
+            kwargs["class_labels"] = labels[packed.order].to(self.device)
+        else:
+            captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
+            features, mask = self.text(captions, batch["indices"], drop)
+            kwargs["encoder_hidden_states"] = features[packed.order.to(self.device)]
+            kwargs["encoder_attention_mask"] = mask[packed.order.to(self.device)]
+        return packed, kwargs
+
+    def train_step(self, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        packed, kwargs = self._batch_inputs(batch, step)
+        self.ddp.train()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            prediction = self.ddp(packed.tokens, packed.timesteps, **kwargs)
+        loss = per_image_mse(prediction, packed.targets, packed.seqlens).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.config.train.grad_clip))
+        self.optimizer.step()
+        update_ema(self.ema, self.model, float(self.config.train.ema_decay))
+        return loss.detach(), grad_norm.detach()
+
+    # -- the loop
+    def _loader(self) -> DataLoader:
+        workers = int(self.config.data.num_workers)
+        return DataLoader(self.dataset, batch_size=int(self.config.data.batch_size), sampler=self.sampler,
+                          num_workers=workers, collate_fn=gather_examples, drop_last=True,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if workers > 0 else None)
+
+    def _readable(self, batch: dict) -> dict:
+        if batch["skipped"]:
+            self.progress.skipped_images += len(batch["skipped"])
+            for reason in batch["skipped"]:
+                log.warning(f"skipped unreadable image {reason} (rank {self.dist.rank})")
+        if "images" not in batch:
+            raise RuntimeError(f"every image of a batch was unreadable: {batch['skipped'][:4]}")
+        return batch
+
+    def fit(self) -> Path | None:
+        p = self.progress
+        opts = self.options
+        self._log(f"training {sum(t.numel() for t in self.model.parameters()):,} parameters on {self.dist.world_size} "
+                  f"process(es), device {self.device}, {len(self.dataset)} images, "
+                  f"{self.sampler.batches_per_epoch} steps per epoch, {self.total_steps} steps in all")
+        reporter = Reporter(self.output_dir, opts.report_to, self.config, self.dist.is_main, p.step)
+        bar = None
+        if self.dist.is_main and opts.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True)
+        last_saved = None
+        loss_sum = torch.zeros((), device=self.device)
+        window_steps, window_images, window_start = 0, 0, time.time()
+        images_per_step = int(self.config.data.batch_size) * self.dist.world_size
+        while p.step < self.total_steps:
+            self.sampler.set_epoch(p.epoch, p.position)
+            for batch in self._loader():
+                loss, grad_norm = self.train_step(self._readable(batch), p.step)
+                p.step += 1
+                p.position += 1
+                loss_sum += loss
+                window_steps += 1
+                window_images += images_per_step
+                if bar is not None:
+                    bar.update(1)
+                if p.step % opts.logging_steps == 0 or p.step == self.total_steps:
+                    if self.dist.initialized:
+                        torch.distributed.all_reduce(loss_sum)
+                        loss_sum /= self.dist.world_size
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    metrics = {"step": p.step, "epoch": p.epoch, "loss": loss_sum.item() / window_steps,
+                               "grad_norm": grad_norm.item(), "lr": self.optimizer.param_groups[0]["lr"],
+                               "images_per_s": window_images / elapsed, "skipped_images": p.skipped_images}
+                    reporter(metrics)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+                    loss_sum.zero_()
+                    window_steps, window_images, window_start = 0, 0, time.time()
+                if p.step % opts.checkpoint_steps == 0 or p.step == self.total_steps:
+                    last_saved = self.checkpoint()
+                elif self.config.train.preview_steps and p.step % int(self.config.train.preview_steps) == 0:
+                    self.preview()
+                if p.step >= self.total_steps:
+                    break
+            else:
+                p.epoch += 1
+                p.position = 0
+        if bar is not None:
+            bar.close()
+        reporter.close()
+        self._log(f"done: {p.step} steps; {p.skipped_images} unreadable images skipped; "
+                  f"checkpoints in {self.output_dir / 'checkpoints'}")
+        self.check_replicas()
+        distributed.barrier(self.dist)
+        return last_saved
+
+    @torch.no_grad()
+    def check_replicas(self) -> None:
+        """Compare a checksum of the weights across ranks; DDP must keep them identical."""
+        if not self.dist.initialized:
+            return
+        flat = torch.cat([p.detach().double().flatten() for p in self.model.parameters()])
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(1009) + 1
+        checksum = torch.stack([flat.sum(), (flat * weights).sum()]).cpu()
+        sums = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(sums, checksum.tolist())
+        if any(s != sums[0] for s in sums):
+            raise RuntimeError(f"model weights differ across ranks: checksums {sums}")
+        self._log(f"weights identical across {self.dist.world_size} ranks (checksum {sums[0][1]:.10e})")
+
+    def checkpoint(self) -> Path | None:
+        states = [rng_state()]
+        if self.dist.initialized:
+            states = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(states, rng_state())
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.output_dir, self.config, self.model, self.ema, self.optimizer, self.progress,
+                                   states, int(self.config.train.keep_checkpoints))
+            self._log(f"saved checkpoint {path}")
+            self.preview()
+        distributed.barrier(self.dist)
+        return path
+
+    @torch.no_grad()
+    def preview(self) -> Path | None:
+        """A grid of EMA samples: one row per class (class-to-image) or per prompt (text-to-image)."""
+        if not self.dist.is_main:
+            return None
+        from .pipeline import PixelFlowPipeline
+        cfg = self.config.preview
+        pipe = PixelFlowPipeline(self.ema, self.scheduler, resolution=int(self.config.data.resolution),
+                                 autocast_dtype=self.amp_dtype)
+        per_row = int(cfg.images_per_class)
+        generator = torch.Generator(self.device).manual_seed(self.seed)
+        common = dict(num_inference_steps=int(cfg.num_inference_steps), guidance_scale=float(cfg.guidance_scale),
+                      generator=generator, output_type="uint8")
+        if self.text is None:
+            classes = min(int(cfg.num_classes), self.model.num_classes,
+                          getattr(self.dataset, "num_classes", self.model.num_classes))
+            labels = [c for c in range(classes) for _ in range(per_row)]
+            images = pipe(class_labels=labels, **common)
+        else:
+            prompts = list(cfg.prompts) or ["" for _ in range(2)]
+            pipe.text_encoder, pipe.tokenizer = self.text.encoder, self.text.tokenizer
+            pipe.max_text_length = self.text.max_length
+            images = pipe(prompt=prompts, num_images_per_prompt=per_row, **common)
+        path = self.output_dir / "samples" / f"{self.progress.step:07d}.png"
+        atomic_write(path, lambda tmp: image_grid(images, per_row).save(tmp, format="PNG"))
+        return path
+
+
+def train(config: DictConfig, options: TrainOptions) -> Path | None:
+    """Run (or resume) training; returns the last checkpoint folder written on rank 0."""
+    trainer = Trainer(config, options)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.cleanup()

@@ -1,0 +1,180 @@
+"""The cascade sampler on the golden tiny checkpoints: seeds, per-image generators, output types, guidance
+batching, text conditioning with its padding mask, and input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelflow.pipeline import stage_guidance_weights
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+
+SIZE = 32
+STEPS = 2
+
+
+def sample(pipe, seed: int = 0, **kwargs):
+    """A small class-to-image run; kwargs override the defaults."""
+    args = dict(class_labels=[3, 7], height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=2.4,
+                generator=torch.Generator().manual_seed(seed), output_type="pt")
+    args.update(kwargs)
+    return pipe(**args)
+
+
+def text_sample(pipe, seed: int = 0, **kwargs):
+    args = dict(prompt=["a red fox", "blue"], height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                guidance_scale=3.0, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    args.update(kwargs)
+    return pipe(**args)
+
+
+# ---------------------------------------------------------------------------------------------- seeds
+def test_same_seed_same_images_other_seed_other_images(c2i_pipe):
+    first, again, other = sample(c2i_pipe, seed=1), sample(c2i_pipe, seed=1), sample(c2i_pipe, seed=2)
+    assert torch.equal(first, again)
+    assert (first - other).abs().max().item() > 0.1
+
+
+def test_per_image_generators_make_each_image_independent_of_the_batch(c2i_pipe, generators):
+    # Euler with guidance: image 1 (label 7, seed 2) must not depend on what else is in the batch.
+    pair = sample(c2i_pipe, class_labels=[3, 7], generator=generators(1, 2))
+    other_pair = sample(c2i_pipe, class_labels=[5, 7], generator=generators(3, 2))
+    alone = sample(c2i_pipe, class_labels=[7], generator=generators(2))
+    assert (pair[1] - other_pair[1]).abs().max().item() < 1e-5
+    assert (pair[1] - alone[0]).abs().max().item() < 1e-5
+    assert (pair[0] - other_pair[0]).abs().max().item() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def test_output_types(c2i_pipe):
+    as_tensor = sample(c2i_pipe, output_type="pt")
+    as_array = sample(c2i_pipe, output_type="np")
+    as_uint8 = sample(c2i_pipe, output_type="uint8")
+    as_pil = sample(c2i_pipe, output_type="pil")
+
+    assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == (2, SIZE, SIZE, 3)
+    assert isinstance(as_array, np.ndarray) and as_array.shape == (2, SIZE, SIZE, 3)
+    assert as_array.dtype == np.float32
+    assert as_array.min() >= 0.0 and as_array.max() <= 1.0 and as_array.std() > 0.05
+    assert np.array_equal(as_array, as_tensor.numpy())
+
+    assert isinstance(as_uint8, np.ndarray) and as_uint8.dtype == np.uint8 and as_uint8.shape == (2, SIZE, SIZE, 3)
+    assert np.array_equal(as_uint8, np.round(as_array * np.float32(255)).astype(np.uint8))  # round(255 x)
+
+    assert isinstance(as_pil, list) and len(as_pil) == 2
+    for image, pixels in zip(as_pil, as_uint8):
+        assert isinstance(image, Image.Image) and image.size == (SIZE, SIZE) and image.mode == "RGB"
+        assert np.array_equal(np.asarray(image), pixels)
+
+
+# ---------------------------------------------------------------------------------------------- guidance
+@pytest.mark.parametrize("g", [1.5, 2.4, 4.0])
+def test_stage_guidance_weights(g):
+    assert stage_guidance_weights(g, 4, class_conditional=True) == pytest.approx(
+        [1.0, 1 + (g - 1) / 6, 1 + (g - 1) * 2 / 3, g], abs=1e-12)
+    assert stage_guidance_weights(g, 4, class_conditional=False) == pytest.approx([g] * 4, abs=1e-12)
+
+
+def test_explicit_guidance_weights_reproduce_the_stage_ramp(c2i_pipe):
+    ramp = stage_guidance_weights(2.4, 4, class_conditional=True)
+    assert torch.equal(sample(c2i_pipe, guidance_scale=2.4), sample(c2i_pipe, guidance_weights=ramp))
+
+
+class CallRecorder:
+    """Wraps pipe.denoiser and records (batch size, image side) of every network call."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, x, timestep, **kwargs):
+        self.calls.append((x.shape[0], x.shape[-1]))
+        return self.denoiser(x, timestep, **kwargs)
+
+    def batch_sizes_per_side(self) -> dict[int, set[int]]:
+        sizes: dict[int, set[int]] = {}
+        for batch, side in self.calls:
+            sizes.setdefault(side, set()).add(batch)
+        return sizes
+
+
+STAGE_SIDES = (4, 8, 16, 32)  # 32 px output, 4 stages
+
+
+@pytest.mark.parametrize("g, doubled_stages", [(1.0, ()), (0.0, ()), (2.4, (1, 2, 3))])
+def test_class_guidance_doubles_the_batch_only_where_the_weight_is_not_one(c2i_pipe, monkeypatch, g,
+                                                                           doubled_stages):
+    recorder = CallRecorder(c2i_pipe.denoiser)
+    monkeypatch.setattr(c2i_pipe, "denoiser", recorder)
+    sample(c2i_pipe, guidance_scale=g, num_inference_steps=[2, 1, 1, 2])
+    assert len(recorder.calls) == 6
+    expected = {side: {4 if stage in doubled_stages else 2} for stage, side in enumerate(STAGE_SIDES)}
+    assert recorder.batch_sizes_per_side() == expected
+
+
+@pytest.mark.parametrize("g, doubled", [(1.0, False), (3.0, True)])
+def test_text_guidance_doubles_the_batch_at_every_stage_or_none(t2i_pipe, monkeypatch, g, doubled):
+    recorder = CallRecorder(t2i_pipe.denoiser)
+    monkeypatch.setattr(t2i_pipe, "denoiser", recorder)
+    text_sample(t2i_pipe, guidance_scale=g, num_inference_steps=1)
+    assert recorder.batch_sizes_per_side() == {side: {4 if doubled else 2} for side in STAGE_SIDES}
+
+
+# ---------------------------------------------------------------------------------------------- text
+def test_text_to_image_is_reproducible(t2i_pipe):
+    first, again = text_sample(t2i_pipe, seed=4), text_sample(t2i_pipe, seed=4)
+    assert first.shape == (2, SIZE, SIZE, 3)
+    assert torch.equal(first, again)
+    assert (first - text_sample(t2i_pipe, seed=5)).abs().max().item() > 0.1
+
+
+def test_text_padding_is_masked_out(t2i_pipe, monkeypatch):
+    short_length, long_length = t2i_pipe.max_text_length, 40
+    short = text_sample(t2i_pipe)
+    monkeypatch.setattr(t2i_pipe, "max_text_length", long_length)
+    padded = text_sample(t2i_pipe)
+    assert (short - padded).abs().max().item() < 1e-5
+
+    # Control: the same two token budgets differ once the mask is dropped, so padding would leak.
+    model_call = t2i_pipe.denoiser
+
+    def without_mask(x, timestep, **kwargs):
+        kwargs.pop("encoder_attention_mask", None)
+        return model_call(x, timestep, **kwargs)
+
+    monkeypatch.setattr(t2i_pipe, "denoiser", without_mask)
+    unmasked_padded = text_sample(t2i_pipe)
+    monkeypatch.setattr(t2i_pipe, "max_text_length", short_length)
+    unmasked_short = text_sample(t2i_pipe)
+    assert (unmasked_padded - unmasked_short).abs().max().item() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+@pytest.mark.parametrize("kwargs, message", [
+    pytest.param(dict(height=24), r"height=24.*16", id="height-not-multiple-of-16"),
+    pytest.param(dict(width=40), r"width=40.*16", id="width-not-multiple-of-16"),
+    pytest.param(dict(class_labels=[3, 1000]), r"1000.*\[0, 1000\)", id="label-1000"),
+    pytest.param(dict(class_labels=[-1]), r"-1.*\[0, 1000\)", id="label-minus-1"),
+    pytest.param(dict(num_inference_steps=0), r"num_inference_steps.*\b0\b", id="zero-steps"),
+    pytest.param(dict(num_inference_steps=[3, 3, -2, 3]), r"num_inference_steps.*-2", id="negative-stage-steps"),
+    pytest.param(dict(num_inference_steps=[3, 3]), r"4.*\[3, 3\]", id="two-stage-steps-for-4-stages"),
+    pytest.param(dict(guidance_scale=-0.5), r"guidance_scale.*-0\.5", id="negative-guidance"),
+    pytest.param(dict(solver="rk4"), r"'rk4'", id="unknown-solver"),
+    pytest.param(dict(output_type="jpeg"), r"'jpeg'", id="unknown-output-type"),
+])
+def test_bad_input_is_rejected_by_name(c2i_pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample(c2i_pipe, **kwargs)
+
+
+def test_null_label_is_for_the_network_not_the_pipeline(c2i_pipe):
+    null = c2i_pipe.model.null_label
+    assert null == c2i_pipe.model.num_classes == 1000
+    with torch.no_grad():
+        v = c2i_pipe.model(torch.randn(1, 3, 8, 8), torch.tensor([10.0]), class_labels=torch.tensor([null]))
+    assert torch.isfinite(v).all() and v.abs().max() > 0
+    with pytest.raises(ValueError, match=str(null)):
+        sample(c2i_pipe, class_labels=[null])

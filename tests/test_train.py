@@ -1,0 +1,231 @@
+"""Training: packed batches against the release, exact resume, atomic checkpoints, DDP, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelflow.batching import assign_stages, pack_batch, per_image_mse
+from pixelflow.checkpoint import load_pretrained
+from pixelflow.config import load_config, validate_train_config
+from pixelflow.model import PixelFlowModel
+from pixelflow.scheduler import PixelFlowScheduler
+from pixelflow.training import KILL_HOOK, TRAINING_STATE, TrainOptions, Trainer, update_ema
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden"
+TINY = [  # a smaller-than-default model and batch so each step takes milliseconds
+    "model.params.depth=1", "model.params.num_attention_heads=2", "data.batch_size=8",
+    "data.resolution=16", "data.num_workers=0", "data.synthetic_size=64", "preview.num_inference_steps=1",
+    "preview.images_per_class=1", "preview.num_classes=2",
+]
+
+
+def tiny_config(*overrides: str):
+    return load_config(ROOT / "configs" / "tiny_c2i.yaml", [*TINY, *overrides])
+
+
+def run_train(tmp_path: Path, *args: str, env: dict | None = None, torchrun: int = 0, check: bool = True):
+    cmd = [sys.executable]
+    if torchrun:
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port", str(free_port())]
+    cmd += [str(ROOT / "train.py"), *args, "--no-progress"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- batches
+def test_collate_reproduces_release():
+    g = torch.load(GOLDEN / "collate.pt", weights_only=True)
+    scheduler = PixelFlowScheduler(1000, 4)
+    noise_of_stage = dict(zip(g["group_order_stage"], g["noise_per_group"]))
+    packed = pack_batch(scheduler, g["images"], torch.tensor(g["stage_of_sample"]), g["timestep_index_of_sample"],
+                        lambda stage, shape: noise_of_stage[stage], g["patch_size"])
+    out = g["out"]
+    assert (packed.tokens - out["pixel_values"]).abs().max() < 1e-6
+    assert (packed.targets - out["target_values"]).abs().max() < 1e-6
+    assert (packed.timesteps - out["timesteps"]).abs().max() < 1e-4
+    assert torch.tensor(g["labels"])[packed.order].tolist() == list(out["input_ids"])
+    assert packed.seqlens == list(out["seqlen_list_q"])
+    assert torch.equal(packed.cu_seqlens, out["cumsum_q_len"])
+    assert packed.grid_sizes == out["batch_latent_size"].tolist()
+    model = PixelFlowModel(num_attention_heads=4, attention_head_dim=16, depth=1, patch_size=2, num_classes=10)
+    rope = torch.cat([model.rope_table(side) for side in packed.grid_sizes])
+    assert torch.equal(rope, out["pos_embed"])
+
+
+def test_stage_assignment_is_balanced():
+    for batch in (4, 7, 8, 33):
+        stages = assign_stages(batch, 4, torch.Generator().manual_seed(batch))
+        counts = torch.bincount(stages, minlength=4)
+        assert counts.max() - counts.min() <= 1 and counts.sum() == batch
+
+
+def test_loss_weighs_every_image_the_same():
+    # Image 0 has 4 tokens with error 1, image 1 has 16 tokens with error 3: the mean of means is 2.
+    pred = torch.cat([torch.ones(4, 12), 3 * torch.ones(16, 12)])
+    per_image = per_image_mse(pred, torch.zeros_like(pred), [4, 16])
+    assert torch.allclose(per_image, torch.tensor([1.0, 9.0]))
+    assert per_image.mean().item() == pytest.approx(5.0)
+
+
+def test_ema_decay_zero_copies_and_one_freezes():
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    before = [p.clone() for p in ema.parameters()]
+    update_ema(ema, model, decay=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), before))
+    update_ema(ema, model, decay=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
+
+
+# ---------------------------------------------------------------------------- resume and checkpoints
+def _weights(folder: Path) -> dict:
+    return torch.load(folder / TRAINING_STATE, weights_only=True)["model"]
+
+
+def test_resume_is_exact(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    Trainer(tiny_config("train.max_steps=6"), TrainOptions(str(straight), checkpoint_steps=6, progress=False)).fit()
+    Trainer(tiny_config("train.max_steps=3"), TrainOptions(str(split), checkpoint_steps=3, progress=False)).fit()
+    # Resumed with loader workers, which must not change the data either.
+    Trainer(tiny_config("train.max_steps=6", "data.num_workers=1"),
+            TrainOptions(str(split), resume=True, checkpoint_steps=3, progress=False)).fit()
+    a, b = _weights(straight / "checkpoints" / "0000006"), _weights(split / "checkpoints" / "0000006")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    ema_a = torch.load(straight / "checkpoints" / "0000006" / "model.pt", weights_only=True)
+    ema_b = torch.load(split / "checkpoints" / "0000006" / "model.pt", weights_only=True)
+    assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) < 1e-6
+    # And the run did train: the weights moved away from the first checkpoint.
+    first = _weights(split / "checkpoints" / "0000003")
+    assert max((a[k] - first[k]).abs().max().item() for k in a) > 1e-4
+
+
+def test_checkpoint_folder_is_a_pretrained_folder(tmp_path):
+    Trainer(tiny_config("train.max_steps=2"), TrainOptions(str(tmp_path), checkpoint_steps=2, progress=False)).fit()
+    folder = tmp_path / "checkpoints" / "0000002"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "model.pt", TRAINING_STATE]
+    state = torch.load(folder / "model.pt", weights_only=True)
+    assert all(torch.is_tensor(v) for v in state.values())  # flat state dict of the EMA weights
+    model, config = load_pretrained(tmp_path)  # a run folder resolves to its newest checkpoint
+    assert config.data.resolution == 16 and model.num_classes == 4
+    assert (tmp_path / "samples" / "0000002.png").is_file()
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and {"loss", "grad_norm", "lr", "images_per_s"} <= set(rows[-1])
+
+
+def test_keeps_only_the_last_checkpoints(tmp_path):
+    Trainer(tiny_config("train.max_steps=4", "train.keep_checkpoints=2"),
+            TrainOptions(str(tmp_path), checkpoint_steps=1, progress=False)).fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000003", "0000004"]
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    args = [str(ROOT / "configs" / "tiny_c2i.yaml"), *TINY, "train.max_steps=4", "--output-dir", "run",
+            "--checkpoint-steps", "2"]
+    proc = run_train(tmp_path, *args, env={KILL_HOOK: "4"}, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith(".")) == ["0000002"]
+    assert any(p.name.startswith(".tmp-0000004") for p in checkpoints.iterdir())  # the torn write, set aside
+    model, _ = load_pretrained(checkpoints / "0000002")
+    assert torch.load(checkpoints / "0000002" / TRAINING_STATE, weights_only=True)["step"] == 2
+    # Resuming continues from step 2 and clears the leftover.
+    run_train(tmp_path, *args, "--resume")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000002", "0000004"]
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    proc = run_train(tmp_path, str(ROOT / "configs" / "tiny_c2i.yaml"), *TINY, "train.max_steps=3",
+                     "--output-dir", "ddp", "--checkpoint-steps", "3", torchrun=2)
+    assert "weights identical across 2 ranks" in proc.stderr
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "0000003" / TRAINING_STATE, weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+# ---------------------------------------------------------------------------- data
+def test_image_folder_skips_unreadable_images(tmp_path):
+    root = tmp_path / "data"
+    for c, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (24, 20), colour).save(root / f"class{c}" / f"{i}.png")
+    (root / "class0" / "broken.png").write_bytes(b"not an image")
+    config = tiny_config("data.name=imagefolder", f"data.root={root}", "train.max_steps=2", "data.batch_size=13",
+                         "data.center_crop=false")
+    trainer = Trainer(config, TrainOptions(str(tmp_path / "run"), checkpoint_steps=2, progress=False))
+    trainer.fit()
+    assert trainer.progress.skipped_images >= 1
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_images"] == trainer.progress.skipped_images
+    assert "skipped unreadable image" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_synthetic_classes_differ_in_colour():
+    from pixelflow.data import SyntheticShapes
+    data = SyntheticShapes(32, num_classes=3, size=30)
+    means = torch.stack([data[(i, 0)]["image"].mean(dim=(1, 2)) for i in range(30)]).view(10, 3, 3)
+    for c in range(3):  # class c is brightest in channel c (red, green, blue)
+        assert (means[:, c].argmax(dim=-1) == c).all()
+
+
+# ---------------------------------------------------------------------------- errors before any work
+@pytest.mark.parametrize("overrides, message", [
+    (["data.name=imagefolder", "data.root=null"], "data.root is not set"),
+    (["data.name=imagefolder", "data.root=/no/such/folder"], "/no/such/folder"),
+    (["data.resolution=24"], "data.resolution=24 must be a positive multiple of 16"),
+    (["data.batch_size=3"], "data.batch_size=3 must be at least scheduler.num_stages=4"),
+    (["model.params.patch_sise=2"], "patch_sise"),
+])
+def test_bad_config_is_refused(overrides, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        validate_train_config(tiny_config(*overrides))
+
+
+def test_unknown_config_key_and_empty_root(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'train.max_step'"):
+        tiny_config("train.max_step=3")
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    config = tiny_config("data.name=imagefolder", f"data.root={tmp_path / 'empty'}")
+    with pytest.raises(ValueError, match="holds no images"):
+        Trainer(config, TrainOptions(str(tmp_path / "run"), progress=False))
+
+
+def test_cli_errors(tmp_path):
+    proc = run_train(tmp_path, str(ROOT / "configs" / "tiny_c2i.yaml"), "--max-steps", "3", check=False)
+    assert proc.returncode != 0 and "unrecognized arguments: --max-steps" in proc.stderr
+    proc = run_train(tmp_path, str(ROOT / "configs" / "tiny_c2i.yaml"), "data.resolution=20", check=False)
+    assert proc.returncode != 0 and "data.resolution=20" in proc.stderr
+    assert not (tmp_path / "exp0001" / "checkpoints").exists()
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    Trainer(tiny_config("train.max_steps=1"), TrainOptions(str(tmp_path), checkpoint_steps=1, progress=False)).fit()
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer(tiny_config("train.max_steps=2"), TrainOptions(str(tmp_path), progress=False))
+
+
+def test_released_config_loads_as_is():
+    config = load_config(ROOT / "configs" / "pixelflow_xl_c2i.yaml")
+    assert config.model.params.depth == 28 and config.data.resolution == 256
+    with pytest.raises(ValueError, match="data.root"):  # only the dataset path is missing on this machine
+        validate_train_config(config)
