@@ -167,6 +167,7 @@ class CaptionDataset(EpochDataset):
 SYNTHETIC_COLOURS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 200, 40),
                      (200, 60, 200), (40, 200, 210), (240, 140, 30), (240, 240, 240)]
 SYNTHETIC_SHAPES = ["disc", "square", "triangle", "ring", "cross", "diamond", "bar", "dot"]
+SYNTHETIC_COLOUR_NAMES = ["red", "green", "blue", "yellow", "purple", "cyan", "orange", "white"]
 
 
 class SyntheticShapes(EpochDataset):
@@ -277,6 +278,23 @@ def build_dataset(config, seed: int) -> EpochDataset:
     return ImageFolderDataset(data.root, preprocess, seed=seed)
 
 
+def write_synthetic_captions(root: str | os.PathLike, count: int = 512, resolution: int = 32, classes: int = 4,
+                             seed: int = 0) -> Path:
+    """Write an image-caption folder of synthetic shapes: root/images/NNNNNN.png and root/captions.jsonl with
+    captions such as "a red disc". For trying text-to-image training without a dataset."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        label = i % classes
+        image = draw_shape(label, resolution, sample_generator(seed, 0, i))
+        name = f"images/{i:06d}.png"
+        image.save(root / name)
+        rows.append(json.dumps({"file": name, "caption": f"a {SYNTHETIC_COLOUR_NAMES[label]} {SYNTHETIC_SHAPES[label]}"}))
+    (root / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
 def image_grid(images: np.ndarray, columns: int) -> Image.Image:
     """(N, H, W, 3) uint8 -> one PIL image, `columns` per row, 2-pixel gaps."""
     n, h, w, _ = images.shape
@@ -286,3 +304,15 @@ def image_grid(images: np.ndarray, columns: int) -> Image.Image:
         r, c = divmod(i, columns)
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
     return Image.fromarray(grid)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a synthetic image-caption folder for text-to-image training.")
+    parser.add_argument("root", help="folder to create (images/ and captions.jsonl)")
+    parser.add_argument("--count", type=int, default=512)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=4)
+    args = parser.parse_args()
+    print(write_synthetic_captions(args.root, args.count, args.resolution, args.classes))

@@ -1,0 +1,52 @@
+"""The PixelFlow Gradio demo.
+
+    python app.py --checkpoint DIR [--class_cond] [--host 127.0.0.1] [--port 7860]
+
+DIR is a pretrained folder (config.yaml + model.pt) or a training run's output folder (its newest checkpoint).
+Its config decides class- or text-to-image; the page, the caps and the sampling live in pixelflow/demo.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="PixelFlow Gradio demo")
+    p.add_argument("--checkpoint", required=True, help="pretrained folder (config.yaml + model.pt) or a run's output folder")
+    p.add_argument("--class_cond", action="store_true",
+                   help="accepted for the release's command line; the checkpoint's config decides, and this "
+                        "flag must agree with it")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available); bf16 autocast on cuda")
+    p.add_argument("--max-images", type=_positive_int, default=8, help="cap on images per request")
+    p.add_argument("--max-steps", type=_positive_int, default=100, help="cap on Euler steps per stage")
+    p.add_argument("--max-queue", type=_positive_int, default=16, help="requests that may wait in the queue")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from pixelflow.demo import DemoGenerator, DemoLimits, build_demo, launch, load_demo_pipeline
+
+    try:
+        pipe = load_demo_pipeline(args.checkpoint, device=args.device, class_cond=args.class_cond)
+    except ValueError as e:
+        parser.error(str(e))
+    limits = DemoLimits(max_images=args.max_images, max_steps=args.max_steps, max_queue=args.max_queue)
+    demo = build_demo(DemoGenerator(pipe, limits, name=args.checkpoint))
+    launch(demo, host=args.host, port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

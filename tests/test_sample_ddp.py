@@ -1,0 +1,281 @@
+"""sample_ddp.py: layout-independent images, the .npz, resuming after a kill, clear errors, text-to-image.
+
+All on the CPU with the tiny golden checkpoints (32 px, 4 stages) and 2 Euler steps per stage.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pixelflow import sampling
+
+REPO = Path(__file__).resolve().parents[1]
+
+C2I = REPO / "tests" / "golden" / "c2i_ckpt"
+T2I = REPO / "tests" / "golden" / "t2i_ckpt"
+# Tiny networks: one thread each, in this process (conftest's fixture) and in the subprocesses (OMP_NUM_THREADS).
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+FAST = ["--num-steps-per-stage", "2", "--device", "cpu", "--no-progress"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("sample_ddp_script", REPO / "sample_ddp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample_ddp = _load_script()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _pngs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def _args(sample_dir: Path, n: int, batch: int, *extra: str, pretrained: Path = C2I) -> list[str]:
+    return ["--pretrained", str(pretrained), "--sample-dir", str(sample_dir), "--num-fid-samples", str(n),
+            "--local-batch-size", str(batch), *FAST, *extra]
+
+
+# ------------------------------------------------------------------------------------------ layout (no model)
+def test_labels_are_balanced_like_the_release():
+    labels = sampling.class_labels(range(50_000), 1000)
+    assert labels[:3] == [0, 1, 2] and labels[1000] == 0 and labels[-1] == 999
+    assert set(Counter(labels).values()) == {50}
+    assert len(Counter(labels)) == 1000
+
+
+@pytest.mark.parametrize("n,batch,world", [(12, 4, 2), (13, 5, 3), (50_000, 16, 8), (3, 16, 4)])
+def test_every_index_belongs_to_exactly_one_rank(n, batch, world):
+    seen = [i for r in range(world) for chunk in sampling.chunks_for_rank(n, batch, r, world) for i in chunk]
+    assert sorted(seen) == list(range(n))
+    # chunks are fixed index ranges: the same for every world size (what dopri5 needs)
+    chunks = sorted((c.start, c.stop) for r in range(world) for c in sampling.chunks_for_rank(n, batch, r, world))
+    assert chunks == sorted((c.start, c.stop) for c in sampling.chunks_for_rank(n, batch, 0, 1))
+
+
+def test_image_noise_depends_on_seed_and_index_only():
+    a = [g.initial_seed() for g in sampling.image_generators(10, [0, 1, 2, 7], "cpu")]
+    b = [g.initial_seed() for g in sampling.image_generators(10, [7], "cpu")]
+    assert a[3] == b[0] and len(set(a)) == 4
+    assert sampling.image_seed(10, 3) != sampling.image_seed(11, 3)
+    assert sampling.image_seed(10, 3) != sampling.image_seed(3, 10)
+
+
+def test_default_sample_dir_names_the_settings(tmp_path):
+    ckpt = tmp_path / "run1" / "checkpoints" / "0000200"
+    ckpt.mkdir(parents=True)
+    d = sampling.default_sample_dir(ckpt, 2.4, "euler", [10, 10, 20, 30], 10)
+    assert d == Path("samples/run1-0000200-cfg2.4-steps10_10_20_30-seed10")
+    d = sampling.default_sample_dir(C2I, 1.5, "euler", [30] * 4, 0, shift=3.0)
+    assert d.name == "c2i_ckpt-cfg1.5-steps30-shift3-seed0"
+    assert sampling.npz_path(d).name == "c2i_ckpt-cfg1.5-steps30-shift3-seed0.npz"
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """12 images from a one-process run with batch 5 (in this process)."""
+    folder = tmp_path_factory.mktemp("single") / "samples"
+    sample_ddp.main(_args(folder, 12, 5))
+    return folder
+
+
+def test_torchrun_matches_one_process(reference, tmp_path):
+    folder = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(REPO / "sample_ddp.py"), *_args(folder, 12, 4)]
+    result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    single = _pngs(reference)
+    assert len(single) == 12 and _pngs(folder) == single  # byte-identical whatever the layout
+
+    with np.load(sampling.npz_path(folder)) as npz:
+        assert list(npz.keys()) == ["arr_0"]
+        arr = npz["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (12, 32, 32, 3)
+    for i in range(12):
+        assert np.array_equal(arr[i], sampling.read_png(sampling.png_path(folder, i)))
+    with np.load(sampling.npz_path(reference)) as npz:
+        assert np.array_equal(npz["arr_0"], arr)
+    assert len({arr[i].tobytes() for i in range(12)}) == 12  # distinct noise per image
+
+    settings = json.loads((folder / sampling.SETTINGS_FILE).read_text())
+    assert settings["settings"]["num_steps_per_stage"] == [2, 2, 2, 2]
+    assert settings["run"]["world_size"] == 2
+
+
+def test_resume_after_kill_keeps_finished_images(tmp_path):
+    n = 24
+    full = tmp_path / "full"
+    sample_ddp.main(_args(full, n, 8))
+
+    folder = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "sample_ddp.py"), *_args(folder, n, 1)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(folder.glob("*.png"))) < 4:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "no images appeared"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGSTOP)  # freeze it first so it cannot finish before the kill lands
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    finished = sorted(folder.glob("*.png"))
+    assert 4 <= len(finished) < n and not sampling.npz_path(folder).exists()
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished}
+
+    # A torn image and a temporary file left by a crash: the first is remade, the second removed.
+    broken = folder / "000023.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    stale = folder / ".000022.png.abc123.tmp"
+    stale.write_bytes(b"partial")
+
+    time.sleep(0.02)  # so that a rewrite would show in the mtimes
+    sample_ddp.main(_args(folder, n, 3))  # resume with another batch size (Euler: allowed)
+    for name, (data, mtime) in before.items():
+        p = folder / name
+        assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime, name
+    assert not stale.exists()
+    assert _pngs(folder) == _pngs(full)
+    with np.load(sampling.npz_path(folder)) as a, np.load(sampling.npz_path(full)) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_resume_refuses_other_settings(reference, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main(_args(reference, 12, 5, "--cfg", "1.5"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "cfg" in err and "1.5" in err
+
+
+def test_pending_batches_resample_partial_chunks_whole():
+    chunks = sampling.chunks_for_rank(10, 4, 0, 1)  # [0..3] [4..7] [8, 9]
+    done = {0, 2, 3, 4, 5, 6, 7}.__contains__
+    assert sampling.pending_batches(chunks, done) == [([0, 1, 2, 3], [1]), ([8, 9], [8, 9])]
+
+
+def test_dopri5_resume_resamples_whole_batches(tmp_path):
+    # dopri5 takes ~100 network calls per stage on random weights: a 16 px copy of the checkpoint keeps it quick
+    ckpt = tmp_path / "c2i_16px"
+    ckpt.mkdir()
+    (ckpt / "model.pt").write_bytes((C2I / "model.pt").read_bytes())
+    (ckpt / "config.yaml").write_text((C2I / "config.yaml").read_text().replace("resolution: 32", "resolution: 16"))
+    folder = tmp_path / "dopri5"
+    args = _args(folder, 2, 2, "--use-ode-dopri5", "--cfg", "0", pretrained=ckpt)
+    sample_ddp.main(args)
+    first = _pngs(folder)
+    assert len(first) == 2
+    (folder / "000001.png").unlink()
+    sample_ddp.main(args)
+    assert _pngs(folder) == first  # image 1 was remade in its original batch {0, 1}, so it is the same
+    with pytest.raises(SystemExit):  # the batch size is part of a dopri5 folder's settings
+        sample_ddp.main(_args(folder, 2, 1, "--use-ode-dopri5", "--cfg", "0", pretrained=ckpt))
+
+
+# ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("extra,needle", [
+    (["--num-fid-samples", "0"], "--num-fid-samples must be >= 1, got 0"),
+    (["--num-classes", "10"], "--num-classes 10 disagrees"),
+    (["--num-steps-per-stage", "0"], "got [0]"),
+    (["--num-steps-per-stage", "2", "2"], "4 stages, got 2 values"),
+    (["--local-batch-size", "0"], "--local-batch-size must be >= 1, got 0"),
+    (["--cfg", "-1"], "--cfg must be a finite number >= 0"),
+    (["--prompts", str(REPO / "tests" / "golden" / "README.md")], "class-to-image checkpoint"),
+    (["--num-fid-samples", "4", "--shift", "0"], "--shift must be > 0"),
+])
+def test_bad_values_stop_before_any_work(tmp_path, capsys, extra, needle):
+    folder = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main([*_args(folder, 4, 2), *extra])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not folder.exists()
+
+
+def test_missing_checkpoint_and_misspelled_flag(tmp_path, capsys):
+    missing = tmp_path / "no_such_ckpt"
+    with pytest.raises(SystemExit):
+        sample_ddp.main(_args(tmp_path / "s", 4, 2, pretrained=missing))
+    assert str(missing) in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample_ddp.main([*_args(tmp_path / "s", 4, 2), "--num-fid-sample", "4"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--num-fid-samples must be >= 1, got -3"):
+        sampling.plan_sampling(sampling.SampleOptions(pretrained=str(C2I), num_fid_samples=-3))
+
+
+def test_training_output_folder_resolves_to_newest_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    for step in (100, 200):
+        ckpt = out / "checkpoints" / f"{step:07d}"
+        ckpt.mkdir(parents=True)
+        for name in ("config.yaml", "model.pt"):
+            (ckpt / name).write_bytes((C2I / name).read_bytes())
+    plan = sampling.plan_sampling(sampling.SampleOptions(pretrained=str(out), num_steps_per_stage=[2],
+                                                         device="cpu"))
+    assert plan.checkpoint.name == "0000200" and plan.num_classes == 1000
+    assert plan.sample_dir == Path("samples/run-0000200-cfg2.4-steps2-seed10")
+
+
+# ------------------------------------------------------------------------------------------ text-to-image
+@pytest.fixture
+def t2i_ckpt(tmp_path):
+    pytest.importorskip("transformers")
+    ckpt = tmp_path / "t2i"
+    ckpt.mkdir()
+    (ckpt / "model.pt").write_bytes((T2I / "model.pt").read_bytes())
+    config = (T2I / "config.yaml").read_text() + "text_encoder:\n  name: tiny-random-t5\n  max_length: 16\n"
+    (ckpt / "config.yaml").write_text(config)
+    return ckpt
+
+
+def test_text_to_image_with_prompts(t2i_ckpt, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\na blue bird\n")
+    folder = tmp_path / "t2i_samples"
+    sample_ddp.main(_args(folder, 3, 2, "--prompts", str(prompts), pretrained=t2i_ckpt))
+    with np.load(sampling.npz_path(folder)) as npz:
+        arr = npz["arr_0"]
+    assert arr.shape == (3, 32, 32, 3) and arr.dtype == np.uint8
+    assert not np.array_equal(arr[0], arr[2])  # same prompt, own noise
+    assert sampling.image_prompts(range(3), sampling.load_prompts(prompts)) == ["a red fox", "a blue bird",
+                                                                                "a red fox"]
+    again = tmp_path / "t2i_batch1"
+    sample_ddp.main(_args(again, 3, 1, "--prompts", str(prompts), pretrained=t2i_ckpt))
+    assert _pngs(again) == _pngs(folder)
+
+    with pytest.raises(SystemExit):
+        sample_ddp.main(_args(tmp_path / "x", 3, 2, pretrained=t2i_ckpt))
+    assert "text-to-image checkpoint: pass --prompts" in capsys.readouterr().err
