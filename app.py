@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive_int, default=100, help="cap on Euler steps per stage")
     p.add_argument("--max-queue", type=_positive_int, default=16, help="requests that may wait in the queue")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--no-fast", dest="fast", action="store_false",
+                   help="run the plain model instead of the fast path (pixelflow.fast; CUDA only)")
     return p
 
 
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     from pixelflow.demo import DemoGenerator, DemoLimits, build_demo, launch, load_demo_pipeline
 
     try:
-        pipe = load_demo_pipeline(args.checkpoint, device=args.device, class_cond=args.class_cond)
+        pipe = load_demo_pipeline(args.checkpoint, device=args.device, class_cond=args.class_cond,
+                                  fast=args.fast)
     except ValueError as e:
         parser.error(str(e))
     limits = DemoLimits(max_images=args.max_images, max_steps=args.max_steps, max_queue=args.max_queue)

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "samples/<checkpoint>-cfg<cfg>-steps<steps>-seed<seed>)")
     parser.add_argument("--cfg", type=float, default=2.4,
                         help="guidance scale g >= 0 (class-to-image ramps it over the stages; 0 = none; default: %(default)s)")
+    parser.add_argument("--guidance-schedule", choices=["ramp", "constant"], default="ramp",
+                        help="ramp: the release's stage-wise weights 1 + (g-1)(0, 1/6, 2/3, 1) for class-to-image "
+                             "(the FID 1.98 setting); constant: g at every stage (the paper's Euler 2.51 setting "
+                             "with g = 1.5). Text-to-image always uses g at every stage. (default: %(default)s)")
     parser.add_argument("--num-steps-per-stage", type=int, nargs="+", default=[30], metavar="N",
                         help="Euler steps: one int for every stage, or one per stage, e.g. 10 10 20 30 (default: 30)")
     parser.add_argument("--use-ode-dopri5", action="store_true",
@@ -50,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", default=None,
                         help="text-to-image only: a file with one prompt per line; image i uses prompt i mod count")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.add_argument("--no-fast", dest="fast", action="store_false",
+                        help="sample with the plain model instead of the fast path (pixelflow.fast; CUDA only)")
     return parser
 
 

@@ -60,11 +60,12 @@ def default_device() -> str:
 
 
 def load_demo_pipeline(checkpoint: str | Path, device: str | torch.device | None = None,
-                       class_cond: bool = False) -> PixelFlowPipeline:
+                       class_cond: bool = False, fast: bool = True) -> PixelFlowPipeline:
     """Load a pretrained folder (or a training run's newest checkpoint) for the demo.
 
     class_cond: the release's --class_cond flag. The config decides the mode; the flag, when given, must agree.
-    On CUDA the network runs under bfloat16 autocast.
+    On CUDA the network runs under bfloat16 autocast, through the fast path unless fast=False (compiled once
+    for every batch size, since requests vary).
     """
     folder = resolve_pretrained(checkpoint)
     config = load_config(folder)
@@ -76,7 +77,11 @@ def load_demo_pipeline(checkpoint: str | Path, device: str | torch.device | None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for CUDA but torch sees no GPU; use --device cpu")
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    return PixelFlowPipeline.from_pretrained(folder, device=device, autocast_dtype=autocast)
+    pipe = PixelFlowPipeline.from_pretrained(folder, device=device, autocast_dtype=autocast)
+    if fast:
+        from .fast import accelerate
+        accelerate(pipe, precision="keep", compile_dynamic=True)
+    return pipe
 
 
 class DemoGenerator:

@@ -40,6 +40,8 @@ from .distributed import DistributedContext, all_reduce_sum, barrier, cleanup, i
 
 SETTINGS_FILE = "sampling_args.json"
 SETTINGS_FORMAT = 1
+GUIDANCE_SCHEDULES = ("ramp", "constant")
+
 # How a per-image seed is derived; part of the settings so a change of scheme can never mix images.
 SEED_SCHEME = "numpy.SeedSequence([global_seed, index]) -> uint64"
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
@@ -67,6 +69,8 @@ class SampleOptions:
     device: str | None = None
     prompts: str | None = None
     progress: bool = True
+    fast: bool = True
+    guidance_schedule: str = "ramp"
 
 
 @dataclass
@@ -246,6 +250,7 @@ def sampling_settings(plan: SamplingPlan) -> dict:
         "num_steps_per_stage": plan.steps if plan.solver == "euler" else None,
         "local_batch_size": opts.local_batch_size if plan.solver == "dopri5" else None,
         "cfg": float(opts.cfg),
+        "guidance_schedule": opts.guidance_schedule,
         "shift": float(opts.shift),
         "global_seed": int(opts.global_seed),
         "seed_scheme": SEED_SCHEME,
@@ -253,6 +258,7 @@ def sampling_settings(plan: SamplingPlan) -> dict:
         "prompts": None,
         "precision": plan.precision,
         "device_type": plan.device.type,  # CPU and CUDA generators draw different noise from one seed
+        "fast_path": bool(opts.fast) and plan.device.type == "cuda",  # changes bf16 rounding on CUDA only
     }
     if plan.prompts is not None:
         digest = hashlib.sha256("\n".join(plan.prompts).encode("utf-8")).hexdigest()
@@ -301,7 +307,7 @@ def write_settings(plan: SamplingPlan, world_size: int) -> None:
 
 
 def default_sample_dir(checkpoint: Path, cfg: float, solver: str, steps: Sequence[int], seed: int,
-                       shift: float = 1.0, prompts: str | None = None) -> Path:
+                       shift: float = 1.0, prompts: str | None = None, guidance_schedule: str = "ramp") -> Path:
     """samples/<checkpoint name>-cfg<cfg>-steps<n or n_n_n_n | dopri5>[-shift<s>][-<prompts file>]-seed<seed>.
 
     A training checkpoint OUT/checkpoints/0001000 is named <OUT name>-0001000."""
@@ -313,13 +319,21 @@ def default_sample_dir(checkpoint: Path, cfg: float, solver: str, steps: Sequenc
         method = "dopri5"
     else:
         method = "steps" + (str(steps[0]) if len(set(steps)) == 1 else "_".join(str(s) for s in steps))
-    parts = [name, f"cfg{cfg:g}", method]
+    parts = [name, f"cfg{cfg:g}" + ("const" if guidance_schedule == "constant" else ""), method]
     if shift != 1.0:
         parts.append(f"shift{shift:g}")
     if prompts is not None:
         parts.append(Path(prompts).stem)
     parts.append(f"seed{seed}")
     return Path("samples") / "-".join(parts)
+
+
+def guidance_weights(opts: SampleOptions, num_stages: int) -> list[float] | None:
+    """Per-stage weights for the pipeline: None (its default: the release's ramp for class-to-image, g at every
+    stage for text-to-image), or g at every stage for --guidance-schedule constant (the paper's Euler setting)."""
+    if opts.guidance_schedule == "constant" and opts.cfg > 0:
+        return [float(opts.cfg)] * num_stages
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -334,6 +348,8 @@ def check_options(opts: SampleOptions) -> None:
         raise ValueError(f"--num-steps-per-stage must be >= 1 (one int, or one per stage), got {steps}")
     if not (opts.cfg >= 0 and math.isfinite(opts.cfg)):
         raise ValueError(f"--cfg must be a finite number >= 0 (0 = no guidance), got {opts.cfg}")
+    if opts.guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"--guidance-schedule must be one of {GUIDANCE_SCHEDULES}, got {opts.guidance_schedule!r}")
     if not (opts.shift > 0 and math.isfinite(opts.shift)):
         raise ValueError(f"--shift must be > 0, got {opts.shift}")
     if opts.global_seed < 0:
@@ -390,7 +406,7 @@ def plan_sampling(opts: SampleOptions) -> SamplingPlan:
         sample_dir = Path(opts.sample_dir)
     else:
         sample_dir = default_sample_dir(checkpoint, opts.cfg, solver, steps, opts.global_seed, opts.shift,
-                                        opts.prompts)
+                                        opts.prompts, opts.guidance_schedule)
     if sample_dir.exists() and not sample_dir.is_dir():
         raise ValueError(f"--sample-dir {str(sample_dir)!r} exists and is not a folder")
     plan = SamplingPlan(options=opts, checkpoint=checkpoint, sample_dir=sample_dir, device=device,
@@ -423,6 +439,9 @@ def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
 
     pipe = PixelFlowPipeline.from_pretrained(plan.checkpoint, device=ctx.device,
                                              autocast_dtype=PRECISIONS[plan.precision])
+    if opts.fast:  # merged, compiled, graph-captured forwards on CUDA; the plain model elsewhere
+        from .fast import accelerate
+        accelerate(pipe, precision="keep")
     size = plan.resolution
     chunks = chunks_for_rank(opts.num_fid_samples, opts.local_batch_size, ctx.rank, ctx.world_size)
     work = pending_batches(chunks, lambda i: is_complete_png(png_path(plan.sample_dir, i), size, size))
@@ -439,6 +458,7 @@ def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
     for indices, to_write in work:
         images = pipe(**_conditions(plan, indices), height=size, width=size,
                       num_inference_steps=plan.steps, guidance_scale=opts.cfg, shift=opts.shift,
+                      guidance_weights=guidance_weights(opts, len(plan.steps)),
                       solver=plan.solver, generator=image_generators(opts.global_seed, indices, ctx.device),
                       output_type="uint8")
         keep = set(to_write)

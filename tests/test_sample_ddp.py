@@ -279,3 +279,12 @@ def test_text_to_image_with_prompts(t2i_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample_ddp.main(_args(tmp_path / "x", 3, 2, pretrained=t2i_ckpt))
     assert "text-to-image checkpoint: pass --prompts" in capsys.readouterr().err
+
+
+def test_guidance_schedule_constant_is_g_at_every_stage():
+    from pixelflow.sampling import SampleOptions, check_options, guidance_weights
+    assert guidance_weights(SampleOptions(pretrained="x", cfg=1.5, guidance_schedule="constant"), 4) == [1.5] * 4
+    assert guidance_weights(SampleOptions(pretrained="x", cfg=1.5), 4) is None  # the pipeline's ramp
+    assert guidance_weights(SampleOptions(pretrained="x", cfg=0.0, guidance_schedule="constant"), 4) is None
+    with pytest.raises(ValueError, match="'flat'"):
+        check_options(SampleOptions(pretrained="x", guidance_schedule="flat"))

@@ -216,6 +216,16 @@ class PixelFlowModel(nn.Module):
         # 1 = keep, 0 = padding -> additive bias on the attention scores, (B, 1, 1, Lt).
         return ((1 - mask.to(dtype)) * TEXT_MASK_BIAS)[:, None, None, :]
 
+    def final_layer(self, tokens: torch.Tensor, c: torch.Tensor, layout: PackedLayout | None = None) -> torch.Tensor:
+        """Output head: LayerNorm(x) * (1 + scale) + shift, then Linear(D, p*p*C).
+
+        tokens: (B, N, D) or packed (L, D); c: (B, D). Returns (B, N, p*p*C) or (L, p*p*C), features ordered
+        (row-in-patch, col-in-patch, channel).
+        """
+        shift, scale = self.proj_out_1(F.silu(c)).float().chunk(2, dim=-1)
+        h = F.layer_norm(tokens, (tokens.shape[-1],), eps=LAYER_NORM_EPS)
+        return self.proj_out_2(modulate(h, shift, scale, layout).to(tokens.dtype))
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -267,9 +277,7 @@ class PixelFlowModel(nn.Module):
         for block in self.transformer_blocks:
             tokens = block(tokens, c, rope, layout, encoder_hidden_states, context_mask)
 
-        shift, scale = self.proj_out_1(F.silu(c)).float().chunk(2, dim=-1)
-        h = F.layer_norm(tokens, (tokens.shape[-1],), eps=LAYER_NORM_EPS)
-        out = self.proj_out_2(modulate(h, shift, scale, layout).to(tokens.dtype))
+        out = self.final_layer(tokens, c, layout)
 
         if layout is None:
             return self.unpatchify(out, gh, gw)

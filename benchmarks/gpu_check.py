@@ -1,0 +1,558 @@
+"""Everything about fast sampling that only a GPU shows, in one budgeted run (7 minutes or less on one H100).
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --budget 420 --out $OUT     # on the GPU machine
+    python benchmarks/gpu_check.py --tiny --no-omegaconf                             # CPU dry run, 1-2 minutes
+
+Sections, each under its own header, each skipped when the time left is short and never stopping the run
+when it fails: environment; bf16 matmul peak; self-attention kernels at every stage's shape; the golden tiny
+model on the device (plain and fast, fp32 and bf16, against the release's numbers); XL with random weights:
+fast path at batch 16 (compile time, whole run, per-stage forwards), host syncs in the loop, the plain path at
+batch 16 (whole run, per-stage forwards, same noise: image difference), forward numerics per stage (fast bf16
+and plain bf16 against plain fp32), a kernel profile of the 256 px forward, batch 64, a short fp32 reference
+run; finally a summary against the issue's targets. Needs no omegaconf (the golden checkpoints are read with
+PyYAML when omegaconf is missing). --out DIR also writes gpu_check.json there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import torch  # noqa: E402
+
+TARGET_SECONDS_PER_IMAGE = 0.9   # issue: at most 0.9 s per image at batch 16
+TARGET_FORWARD_TFLOPS = 450.0    # issue: the 256 px forward above 450 TFLOP/s
+GOLDEN = REPO / "tests" / "golden"
+
+
+def _json_keys(obj):
+    """JSON needs string keys: (rows, tokens) tuples become "rows,tokens"."""
+    if isinstance(obj, dict):
+        return {(",".join(map(str, k)) if isinstance(k, tuple) else k): _json_keys(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_keys(v) for v in obj]
+    return obj
+
+
+class Check:
+    """Sections with a time budget: a section runs only if its estimate fits, and an error ends only it."""
+
+    def __init__(self, budget: float, out: Path | None, skip: list[str] = ()):
+        self.skip = list(skip)
+        self.start = time.perf_counter()
+        self.budget = budget
+        self.out = out
+        self.results: dict = {"sections": {}}
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.start)
+
+    @contextlib.contextmanager
+    def section(self, name: str, need: float = 0.0):
+        """`with check.section(...) as run:` then `if run:` — False when skipped for time."""
+        elapsed = time.perf_counter() - self.start
+        print(f"\n{'=' * 100}\n== {name}   [t = {elapsed:.0f} s, {self.left():.0f} s left, needs ~{need:.0f} s]\n"
+              f"{'=' * 100}", flush=True)
+        if any(word in name for word in self.skip):
+            print("SKIPPED: --skip")
+            self.results["sections"][name] = "skipped (--skip)"
+            yield False
+            return
+        if self.left() < need:
+            print(f"SKIPPED: not enough time left ({self.left():.0f} s < {need:.0f} s)")
+            self.results["sections"][name] = "skipped"
+            yield False
+            return
+        t0 = time.perf_counter()
+        try:
+            yield True
+            self.results["sections"][name] = f"ok in {time.perf_counter() - t0:.1f} s"
+        except Exception as e:  # one failing section must not waste the rest of the GPU run
+            traceback.print_exc()
+            print(f"SECTION FAILED: {type(e).__name__}: {e}")
+            self.results["sections"][name] = f"failed: {type(e).__name__}: {e}"[:500]
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print(f"-- {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "gpu_check.json").write_text(json.dumps(_json_keys(self.results), indent=1, default=str))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def load_golden_pipeline(folder: Path, device: torch.device):
+    """A golden checkpoint folder as a pipeline: through from_pretrained when omegaconf is installed, else
+    config.yaml read with PyYAML and model.pt loaded strictly (the GPU machine has no omegaconf)."""
+    from pixelflow.pipeline import PixelFlowPipeline
+    if has_module("omegaconf"):
+        return PixelFlowPipeline.from_pretrained(folder, device=device)
+    import yaml
+    from pixelflow.model import PixelFlowModel
+    from pixelflow.scheduler import PixelFlowScheduler
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    model = PixelFlowModel(**config["model"]["params"])
+    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True), strict=True)
+    sched = config.get("scheduler", {})
+    scheduler = PixelFlowScheduler(num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
+                                   num_stages=int(sched.get("num_stages", 4)))
+    return PixelFlowPipeline(model.to(device).eval(), scheduler, resolution=int(config["data"]["resolution"]))
+
+
+def has_module(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def environment(check: Check, device: torch.device) -> None:
+    from torch.nn.attention import SDPBackend
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "triton": __import__("triton").__version__ if has_module("triton") else None,
+            "flash_attn": has_module("flash_attn"), "omegaconf": has_module("omegaconf"), "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+        if hasattr(torch._C, "_get_sdp_priority_order"):
+            info["sdpa_default_priority"] = [SDPBackend(i).name for i in torch._C._get_sdp_priority_order()]
+        for k in ("flash", "mem_efficient", "math", "cudnn"):
+            if hasattr(torch.backends.cuda, f"{k}_sdp_enabled"):
+                info[f"sdpa_{k}_enabled"] = getattr(torch.backends.cuda, f"{k}_sdp_enabled")()
+    for key, value in info.items():
+        print(f"{key:>28}: {value}")
+    check.results["environment"] = info
+
+
+def matmul_peak(check: Check, device: torch.device, tiny: bool) -> None:
+    n = 512 if tiny else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 3 if tiny else 20
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    tflops = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+    print(f"{n}x{n}x{n} {dtype} matmul: {tflops:.1f} TFLOP/s")
+    check.results["matmul_tflops"] = tflops
+
+
+def attention_kernels(check: Check, device: torch.device, model, batch: int, resolution: int) -> None:
+    from pixelflow import fast
+    rows = []
+    for stage in range(4):
+        side = (resolution >> (3 - stage)) // model.patch_size
+        b = batch if stage == 0 else 2 * batch
+        seq = side * side
+        results = fast.measure_attention(b, seq, model.num_attention_heads, model.attention_head_dim,
+                                         torch.bfloat16, device)
+        flops = 4 * b * seq * seq * model.num_attention_heads * model.attention_head_dim
+        for kernel, r in results.items():
+            tflops = flops / r["seconds"] / 1e12 if r["seconds"] else None
+            rows.append(dict(stage=stage, batch=b, seq=seq, kernel=kernel, **r, tflops=tflops))
+    print("| stage | batch | tokens | kernel | ms | TFLOP/s | max err vs fp32 | error |")
+    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
+    for r in rows:
+        ms = f"{1e3 * r['seconds']:.3f}" if r["seconds"] else "-"
+        tf = f"{r['tflops']:.0f}" if r["tflops"] else "-"
+        err = f"{r['max_err']:.2e}" if r["max_err"] is not None else "-"
+        print(f"| {r['stage']} | {r['batch']} | {r['seq']} | {r['kernel']} | {ms} | {tf} | {err} | "
+              f"{r['error'] or ''} |")
+    check.results["attention_kernels"] = rows
+
+
+def golden_checks(check: Check, device: torch.device, fast_switches: dict) -> None:
+    """The release's golden runs on this device: plain and fast, fp32 and bf16."""
+    from pixelflow import fast
+    pipe = load_golden_pipeline(GOLDEN / "c2i_ckpt", device)
+    rows = []
+    # dopri5 runs ~120 forwards per run: minutes on a busy CPU, seconds on a GPU.
+    for name in ("euler_cfg", "euler_shift") + (("dopri5",) if device.type == "cuda" else ()):
+        run = torch.load(GOLDEN / f"pipeline_{name}.pt", weights_only=True)
+        kwargs = dict(class_labels=run["labels"], height=32, width=32, num_inference_steps=run["steps"],
+                      guidance_scale=run["cfg"], shift=run["shift"], solver="dopri5" if run["dopri5"] else "euler",
+                      latents=run["initial_noise"], stage_noise=run["block_noise"], output_type="pt")
+        expected = run["samples"].to(device)
+        outputs = {}
+        for label, precision, use_fast in [("plain fp32", "fp32", False), ("fast fp32", "fp32", True),
+                                           ("plain bf16", "bf16", False), ("fast bf16", "bf16", True)]:
+            if use_fast:
+                fast.accelerate(pipe, precision=precision, **{**fast_switches, "compile": False})
+            else:
+                fast.plain(pipe)
+                pipe.autocast_dtype = None if precision == "fp32" else torch.bfloat16
+            outputs[label] = pipe(**kwargs)
+            rows.append((name, label, max_abs(outputs[label], expected)))
+        rows.append((name, "fast fp32 vs plain fp32", max_abs(outputs["fast fp32"], outputs["plain fp32"])))
+        rows.append((name, "fast bf16 vs plain bf16", max_abs(outputs["fast bf16"], outputs["plain bf16"])))
+    fast.plain(pipe)
+    pipe.autocast_dtype = None
+    print("| run | path | max abs error vs release (fp32 tolerance 1e-4) |\n| --- | --- | ---: |")
+    for name, label, err in rows:
+        flag = "" if "bf16" in label else ("  ok" if err < 1e-4 else "  FAIL")
+        print(f"| {name} | {label} | {err:.2e}{flag} |")
+    check.results["golden_sampling"] = rows
+
+    # One golden forward through the compiled block (inductor on this device), float32.
+    case = torch.load(GOLDEN / "c2i_forward.pt", weights_only=True)["res32"]
+    options = fast.FastOptions(precision="fp32", **{**fast_switches, "cuda_graphs": False}).resolve(device)
+    den = fast.FastDenoiser(pipe.model, options)
+    t0 = time.perf_counter()
+    out = den(case["hidden_states"].to(device), case["timestep"].to(device),
+              class_labels=case["class_labels"].to(device))
+    sync(device)
+    err = max_abs(out.cpu(), case["output"])
+    how = options.compile_backend if options.compile else "no compile"
+    print(f"golden c2i forward (32 px) through the compiled block ({how}), fp32: max abs error {err:.2e} "
+          f"(tolerance 1e-5{', ok' if err < 1e-5 else ', CHECK'}); compile {time.perf_counter() - t0:.1f} s")
+    check.results["golden_forward_compiled_err"] = err
+
+
+def sync_check(check: Check, pipe, inputs, resolution: int, guidance: float) -> None:
+    """Run one step per stage with CUDA's sync debug mode on: every host sync becomes a warning."""
+    import bench_sampling as bench
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            bench.sample(pipe, inputs, resolution, [2] * 4, guidance)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    places: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            places[key] = places.get(key, 0) + 1
+    print(f"host syncs in a 4 x 2-step sampling call: {sum(places.values())}" +
+          "".join(f"\n  {k}: {v}" for k, v in sorted(places.items())))
+    print("(syncs in pipeline.py input checks run once per call; any in the step loop or fast.py would be a bug)")
+    check.results["host_syncs"] = places
+
+
+def forward_numerics(check: Check, pipe, fast_denoiser, batch: int, resolution: int, guidance: float) -> None:
+    """Per stage: fast bf16 and plain bf16 forwards against a plain fp32 forward (first 2 images)."""
+    import bench_sampling as bench
+    from pixelflow.pipeline import stage_guidance_weights
+    model, device = pipe.model, pipe.device
+    weights = stage_guidance_weights(guidance, 4, True)
+    gen = torch.Generator(device=device).manual_seed(5)
+    print("| stage | px | rel err fast bf16 | rel err plain bf16 | max abs fast | max abs plain | "
+          "max abs fast vs plain bf16 |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rows = []
+    for stage, r in enumerate(bench.stage_batches(batch, weights)):
+        side = resolution >> (3 - stage)
+        x = torch.randn(r, 3, side, side, generator=gen, device=device)
+        t = torch.full((r,), float(pipe.scheduler.timesteps_per_stage[stage][300]), device=device)
+        labels = torch.randint(0, model.num_classes, (r,), generator=gen, device=device)
+        with torch.no_grad():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                fast_out = fast_denoiser(x, t, class_labels=labels)[:2].float()
+                plain_bf16 = model(x[:2], t[:2], class_labels=labels[:2]).float()
+            plain_fp32 = model(x[:2], t[:2], class_labels=labels[:2]).float()
+        row = (stage, side, rel_err(fast_out, plain_fp32), rel_err(plain_bf16, plain_fp32),
+               max_abs(fast_out, plain_fp32), max_abs(plain_bf16, plain_fp32), max_abs(fast_out, plain_bf16))
+        rows.append(row)
+        print("| " + " | ".join([str(row[0]), str(row[1])] + [f"{v:.2e}" for v in row[2:]]) + " |")
+    print("(bf16 rounding: both relative errors should be ~1e-3..1e-2 and of the same size)")
+    check.results["forward_numerics"] = rows
+
+
+def profile_forward(check: Check, pipe, batch: int, resolution: int, guidance: float) -> None:
+    """Top kernels of one fast forward at full size, grouped: GEMM, attention, fused elementwise (Triton), other."""
+    from torch.profiler import ProfilerActivity, profile
+    from pixelflow.pipeline import stage_guidance_weights
+    import bench_sampling as bench
+    device = pipe.device
+    rows = bench.stage_batches(batch, stage_guidance_weights(guidance, 4, True))[3]
+    x = torch.randn(rows, 3, resolution, resolution, device=device)
+    t = torch.full((rows,), 800.0, device=device)
+    labels = torch.zeros(rows, dtype=torch.long, device=device)
+    call = lambda: pipe.denoiser(x, t, class_labels=labels)  # noqa: E731
+    with torch.no_grad(), bench.autocast(pipe):
+        call()
+        sync(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            call()
+            sync(device)
+
+    def device_time(e) -> float:
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    if device.type == "cuda":  # kernels only: operators' device time would count them twice
+        events = [e for e in prof.key_averages()
+                  if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and device_time(e) > 0]
+        if not events:
+            events = [e for e in prof.key_averages() if device_time(e) > 0 and not e.key.startswith("aten::")]
+        time_of = device_time
+    else:
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+    total = sum(time_of(e) for e in events) or 1.0
+    groups: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        group = ("attention" if any(s in name for s in ("flash", "fmha", "attention", "cudnn", "sdpa")) else
+                 "gemm" if any(s in name for s in ("gemm", "cutlass", "xmma", "matmul", "addmm", "mm")) else
+                 "triton (fused elementwise)" if "triton" in name else "other")
+        groups[group] = groups.get(group, 0.0) + time_of(e)
+    print(f"one fast forward, {resolution} px, {rows} rows: {total / 1e3:.1f} ms of kernels")
+    for group, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {group:<28} {us / 1e3:8.2f} ms  {100 * us / total:5.1f} %")
+    print("top kernels:")
+    for e in sorted(events, key=lambda e: -time_of(e))[:15]:
+        print(f"  {time_of(e) / 1e3:8.2f} ms {100 * time_of(e) / total:5.1f} % x{e.count:<4} {e.key[:110]}")
+    check.results["profile_groups_ms"] = {k: v / 1e3 for k, v in groups.items()}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--budget", type=float, default=420.0, help="seconds this script may take (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json")
+    p.add_argument("--tiny", action="store_true", help="dry run: tiny model, 32 px, on the CPU (or --device)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--steps", type=int, default=None, help="Euler steps per stage (default: 30; 2 with --tiny)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 16 64 (2 4 with --tiny)")
+    p.add_argument("--guidance", type=float, default=2.4)
+    p.add_argument("--no-omegaconf", action="store_true",
+                   help="act as if omegaconf were missing (as on the GPU machine)")
+    p.add_argument("--skip", nargs="*", default=[],
+                   help="skip sections whose title contains any of these words (e.g. golden profile short)")
+    args = p.parse_args(argv)
+    if args.no_omegaconf:
+        sys.modules["omegaconf"] = None  # any import of it now fails, as it would there
+
+    import bench_sampling as bench
+    from pixelflow import fast
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    cuda = device.type == "cuda"
+    tiny = args.tiny
+    resolution = 32 if tiny else 256
+    steps = args.steps or (2 if tiny else 30)
+    batch_sizes = args.batch_sizes or ([2, 4] if tiny else [16, 64])
+    guidance = args.guidance
+    peak = bench.H100_BF16_PEAK_TFLOPS if cuda else None
+    # Switches for the fast path: everything on CUDA; on the CPU the CPU-capable ones, compile traced only.
+    fast_switches = {} if cuda else dict(merge_qkv=True, merge_adaln=True, compile=True, compile_backend="aot_eager")
+    check = Check(args.budget, args.out, skip=args.skip)
+    check.results["settings"] = dict(device=str(device), resolution=resolution, steps=steps, batch_sizes=batch_sizes,
+                                     guidance=guidance, tiny=tiny, fast_switches=fast_switches)
+    print(f"# gpu_check: {'TINY DRY RUN, ' if tiny else ''}{device}, {resolution} px, 4 x {steps} Euler, "
+          f"guidance {guidance}, batches {batch_sizes}, budget {args.budget:.0f} s")
+
+    with check.section("environment") as ok:
+        if ok:
+            environment(check, device)
+    with check.section("bf16 matmul peak", 5) as ok:
+        if ok:
+            matmul_peak(check, device, tiny)
+
+    params = bench.TINY_C2I_PARAMS if tiny else bench.XL_C2I_PARAMS
+    model = bench.build_model(params, device)
+    pipe = bench.make_pipeline(model, resolution)
+    b0 = batch_sizes[0]
+
+    with check.section("self-attention kernels per stage shape (bf16)", 15) as ok:
+        if ok:
+            if cuda:
+                attention_kernels(check, device, model, b0, resolution)
+            else:
+                print("CUDA only: skipped on the CPU")
+    with check.section("golden tiny model on this device (release numbers)", 40) as ok:
+        if ok:
+            golden_checks(check, device, fast_switches)
+
+    runs, forwards, info = [], [], {}
+    fast.accelerate(pipe, **fast_switches)
+    print(f"fast path options: {getattr(pipe.denoiser, 'options', 'plain model')}, autocast {pipe.autocast_dtype}")
+    inputs = bench.make_inputs(pipe, b0, resolution, seed=0)
+
+    with check.section(f"fast path, batch {b0}: compile + warm-up (1 step per stage)", 60) as ok:
+        if ok:
+            try:
+                info["compile_s"] = bench.warm_up(pipe, inputs, resolution, guidance)
+            except Exception:
+                traceback.print_exc()
+                print("COMPILED FAST PATH FAILED: falling back to compile=False for the rest of the run")
+                fast.accelerate(pipe, **{**fast_switches, "compile": False})
+                info["compile_failed"] = True
+                info["compile_s"] = bench.warm_up(pipe, inputs, resolution, guidance)
+            print(f"compile + warm-up: {info['compile_s']:.1f} s")
+            if isinstance(pipe.denoiser, fast.FastDenoiser):
+                info["status"] = pipe.denoiser.status()
+                print(f"fast path status (attention per (rows, tokens), graphs, compiled shapes): {info['status']}")
+            check.results["fast_warmup"] = {k: v for k, v in info.items() if k != "fast_images"}
+    fast_denoiser, fast_dtype = pipe.denoiser, pipe.autocast_dtype
+
+    with check.section(f"fast path, batch {b0}: whole run, {4} x {steps} steps", 40) as ok:
+        if ok:
+            run = bench.time_sampling(pipe, "fast", inputs, resolution, [steps] * 4, guidance)
+            runs.append(run)
+            info["fast_images"] = run.images
+            print(bench.runs_table([run], peak))
+    with check.section(f"fast path, batch {b0}: one forward per stage", 15) as ok:
+        if ok:
+            rows = bench.time_forwards(pipe, "fast", b0, resolution, guidance, reps=5)
+            forwards += rows
+            print(bench.forwards_table(rows, peak))
+    with check.section("host syncs in the sampling loop (CUDA sync debug mode)", 10) as ok:
+        if ok:
+            if cuda:
+                sync_check(check, pipe, inputs, resolution, guidance)
+            else:
+                print("CUDA only: skipped on the CPU")
+
+    # The plain path: the model itself under bf16 autocast (fp32 on the CPU).
+    plain_steps = steps
+    with check.section(f"plain path, batch {b0}: one forward per stage", 15) as ok:
+        if ok:
+            fast.plain(pipe)
+            pipe.autocast_dtype = torch.bfloat16 if cuda else None
+            rows = bench.time_forwards(pipe, "plain", b0, resolution, guidance, reps=2)
+            forwards += rows
+            print(bench.forwards_table(rows, peak))
+            estimate = steps * sum(r.seconds for r in rows) * 1.1
+            reserve = 150 if cuda else 0  # numerics, profile and the summary come after
+            if estimate > check.left() - reserve:
+                plain_steps = max(2, int(steps * (check.left() - reserve) / estimate))
+                print(f"plain whole run would take ~{estimate:.0f} s: running {plain_steps} steps per stage instead")
+            info["plain_estimate_s"] = estimate
+    with check.section(f"plain path, batch {b0}: whole run, 4 x {plain_steps} steps, same noise as the fast run",
+                       info.get("plain_estimate_s", 30) * plain_steps / steps + 5) as ok:
+        if ok:
+            fast.plain(pipe)
+            pipe.autocast_dtype = torch.bfloat16 if cuda else None
+            bench.warm_up(pipe, inputs, resolution, guidance)
+            run = bench.time_sampling(pipe, "plain", inputs, resolution, [plain_steps] * 4, guidance)
+            runs.append(run)
+            pipe.denoiser, pipe.autocast_dtype = fast_denoiser, fast_dtype
+            fast_images = info.get("fast_images")
+            if plain_steps != steps or fast_images is None:
+                fast_images = bench.sample(pipe, inputs, resolution, [plain_steps] * 4, guidance)
+            diff = bench.image_difference(fast_images.float(), run.images.float())
+            print(bench.runs_table(runs, peak))
+            print(f"fast vs plain images (bf16 both, same noise, {plain_steps} steps/stage): " +
+                  ", ".join(f"{k} {v:.4g}" for k, v in diff.items()))
+            check.results["fast_vs_plain_images"] = diff
+    pipe.denoiser, pipe.autocast_dtype = fast_denoiser, fast_dtype
+
+    with check.section("forward numerics per stage: bf16 fast and plain vs fp32", 20) as ok:
+        if ok:
+            forward_numerics(check, pipe, fast_denoiser, b0, resolution, guidance)
+    with check.section(f"kernel profile of one fast {resolution} px forward", 15) as ok:
+        if ok:
+            profile_forward(check, pipe, b0, resolution, guidance)
+
+    with check.section(f"short whole-run reference: plain fp32 vs plain bf16 vs fast bf16 (batch {b0}, 4 x 2 steps)",
+                       60 if cuda else 5) as ok:
+        if ok:
+            short = [2] * 4
+            fast_images = bench.sample(pipe, inputs, resolution, short, guidance)
+            fast.plain(pipe)
+            pipe.autocast_dtype = torch.bfloat16 if cuda else None
+            plain_bf16 = bench.sample(pipe, inputs, resolution, short, guidance)
+            pipe.autocast_dtype = None
+            plain_fp32 = bench.sample(pipe, inputs, resolution, short, guidance)
+            pipe.denoiser, pipe.autocast_dtype = fast_denoiser, fast_dtype
+            for label, a, b in [("fast bf16 vs plain fp32", fast_images, plain_fp32),
+                                ("plain bf16 vs plain fp32", plain_bf16, plain_fp32),
+                                ("fast bf16 vs plain bf16", fast_images, plain_bf16)]:
+                diff = bench.image_difference(a.float(), b.float())
+                print(f"{label:>26}: " + ", ".join(f"{k} {v:.4g}" for k, v in diff.items()))
+                check.results[f"short_run {label}"] = diff
+    pipe.denoiser, pipe.autocast_dtype = fast_denoiser, fast_dtype
+
+    for batch in batch_sizes[1:]:
+        first = next((r for r in runs if r.path == "fast"), None)
+        need = (first.seconds * batch / b0 if first else 60) + info.get("compile_s", 60) + 10
+        with check.section(f"fast path, batch {batch}: compile, whole run, forwards", need) as ok:
+            if ok:
+                inputs_b = bench.make_inputs(pipe, batch, resolution, seed=1)
+                compile_s = bench.warm_up(pipe, inputs_b, resolution, guidance)
+                print(f"compile + warm-up: {compile_s:.1f} s")
+                run = bench.time_sampling(pipe, "fast", inputs_b, resolution, [steps] * 4, guidance)
+                runs.append(run)
+                rows = bench.time_forwards(pipe, "fast", batch, resolution, guidance, reps=3)
+                forwards += rows
+                print(bench.runs_table([run], peak))
+                print(bench.forwards_table(rows, peak))
+
+    # ------------------------------------------------------------------ summary
+    print(f"\n{'#' * 100}\n# SUMMARY ({device}{', ' + torch.cuda.get_device_name(device) if cuda else ''}, "
+          f"torch {torch.__version__}, total {time.perf_counter() - check.start:.0f} s)\n{'#' * 100}")
+    print(f"compile + warm-up (batch {b0}, 4 stage shapes): {info.get('compile_s', float('nan')):.1f} s"
+          f"{' (compile FAILED, eager fast path)' if info.get('compile_failed') else ''}")
+    print("\n## Whole sampling runs\n" + bench.runs_table(runs, peak))
+    print("\n## One forward per stage\n" + bench.forwards_table(forwards, peak))
+    summary = {}
+    fast_run = next((r for r in runs if r.path == "fast" and r.batch == b0), None)
+    plain_run = next((r for r in runs if r.path == "plain"), None)
+    if fast_run:
+        summary["fast_s_per_image"] = fast_run.seconds_per_image
+        verdict = "PASS" if fast_run.seconds_per_image <= TARGET_SECONDS_PER_IMAGE else "MISS"
+        print(f"\nfast path, batch {b0}: {fast_run.seconds_per_image:.3f} s/image "
+              f"(target <= {TARGET_SECONDS_PER_IMAGE}): {verdict if not tiny else 'n/a (tiny)'}")
+    if fast_run and plain_run:
+        per_step = lambda r: r.seconds_per_image / sum(r.steps)  # noqa: E731
+        summary["speedup_vs_plain"] = per_step(plain_run) / per_step(fast_run)
+        scaled = plain_run.seconds_per_image * sum(fast_run.steps) / sum(plain_run.steps)
+        note = f" (scaled from {sum(plain_run.steps)})" if plain_run.steps != fast_run.steps else ""
+        print(f"plain path, batch {b0}: {scaled:.3f} s/image at {sum(fast_run.steps)} steps{note}; "
+              f"speed-up {summary['speedup_vs_plain']:.2f}x")
+    top = [r for r in forwards if r.path == "fast" and r.stage == 3 and r.rows == 2 * b0]
+    if top:
+        tflops = top[0].flops / top[0].seconds / 1e12
+        summary["stage3_forward_tflops"] = tflops
+        verdict = "PASS" if tflops > TARGET_FORWARD_TFLOPS else "MISS"
+        print(f"fast 256 px forward ({top[0].rows} rows): {tflops:.0f} TFLOP/s "
+              f"(target > {TARGET_FORWARD_TFLOPS:.0f}): {verdict if not tiny else 'n/a (tiny)'}")
+    if "fast_vs_plain_images" in check.results:
+        d = check.results["fast_vs_plain_images"]
+        print(f"fast vs plain images: max {d['max_uint8']:.0f} uint8 levels, mean {d['mean_uint8']:.3f}, "
+              f"{100 * d['frac_uint8_differ']:.1f} % of values differ")
+    print("sections: " + "; ".join(f"{k}: {v}" for k, v in check.results["sections"].items()))
+    check.results["summary"] = summary
+    check.results["runs"] = [{k: v for k, v in vars(r).items() if k != "images"} for r in runs]
+    check.results["forwards"] = [vars(r) for r in forwards]
+    check.save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,528 @@
+"""Fast sampling: the network's forward with merged, compiled and graph-captured pieces.
+
+`accelerate(pipe)` swaps `pipe.denoiser` (what the sampling loop calls) for a `FastDenoiser` built from
+`pipe.model`, and sets the pipeline's precision. The network in `pixelflow/model/` stays the reference and is
+never changed: a FastDenoiser reads its weights and computes the same function, in the same order of
+operations, up to the rounding of the chosen precision (tests/test_fast_path.py checks each switch against
+the plain path).
+
+Switches (FastOptions; "auto" resolves per device: everything on for CUDA, nothing on elsewhere, where
+`accelerate` then leaves the plain model in place):
+  precision    "bf16": autocast as the plain bf16 path does, with the matmul weights cast once (not per call).
+  merge_qkv    q, k, v projections as one matmul (k, v for cross-attention), weights concatenated once.
+  merge_adaln  every block's adaLN modulation Linear(SiLU(c)) as one matmul: c is the same for all blocks.
+  compile      torch.compile of one transformer block (a regional compile: the 28 blocks share one compiled
+               region, recompiled once per input shape unless compile_dynamic). Fuses the elementwise work:
+               LayerNorm + modulation, RMSNorm + RoPE of q/k and the gates/residuals run in a few kernels,
+               computing in float32 in registers without float32 round trips through memory.
+  attention    self-attention kernel: "auto" measures PyTorch's exact fused kernels (cuDNN, flash,
+               memory-efficient) and flash-attn when installed once per shape and keeps the fastest whose output
+               matches a float32 reference.
+  cuda_graphs  capture whole forwards as CUDA graphs, replayed per call: removes launch overhead where the
+               work per launch is small (the coarse stages). "auto": forwards of at most graph_max_tokens tokens.
+
+Guided sampling already skips the unconditional half where the guidance weight is 1 (stage 0 of
+class-to-image; see PixelFlowPipeline._velocity_fn), and the sampling loop reads no device values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import math
+import warnings
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .model.embeddings import apply_rope
+from .model.pixelflow_model import LAYER_NORM_EPS
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+ATTENTION_KERNELS = ("auto", "default", "cudnn", "flash", "efficient", "math", "flash_attn")
+_SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
+ATTENTION_CHECK_ATOL = 3e-2  # an auto-picked kernel must match a float32 reference this closely (bf16 rounding)
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """What the fast path does; every switch can be turned off. "auto" resolves with `resolve(device)`."""
+
+    precision: str = "auto"            # "bf16", "fp16", "fp32", "keep" (the pipeline's); auto: bf16 on CUDA, else keep
+    merge_qkv: bool | str = "auto"
+    merge_adaln: bool | str = "auto"
+    compile: bool | str = "auto"
+    compile_backend: str = "inductor"  # "aot_eager" / "eager" check graph capture without code generation
+    compile_mode: str | None = None    # e.g. "max-autotune-no-cudagraphs": slower to compile, fuses GEMM epilogues
+    compile_dynamic: bool = False      # one compile for every batch size and stage (the demo's varying batches)
+    attention: str = "auto"            # one of ATTENTION_KERNELS
+    cuda_graphs: bool | str = "auto"   # True: every shape; "auto": forwards of at most graph_max_tokens tokens
+    graph_max_tokens: int = 16384
+
+    def resolve(self, device: torch.device | str) -> "FastOptions":
+        """Concrete options for `device`: "auto" becomes on for CUDA and off (plain) elsewhere."""
+        cuda = torch.device(device).type == "cuda"
+        self._check()
+        auto = lambda value, on: (on if value == "auto" else value)  # noqa: E731
+        resolved = replace(
+            self,
+            precision=auto(self.precision, "bf16" if cuda else "keep"),
+            merge_qkv=auto(self.merge_qkv, cuda),
+            merge_adaln=auto(self.merge_adaln, cuda),
+            compile=auto(self.compile, cuda),
+            attention=auto(self.attention, "auto" if cuda else "default"),
+            cuda_graphs=self.cuda_graphs if cuda else (False if self.cuda_graphs == "auto" else self.cuda_graphs),
+        )
+        if not cuda:
+            if resolved.cuda_graphs:
+                raise ValueError(f"cuda_graphs={self.cuda_graphs!r} needs a CUDA model, got device {device}; "
+                                 "pass cuda_graphs=False")
+            if resolved.attention in ("cudnn", "flash", "efficient", "flash_attn"):
+                raise ValueError(f"attention={self.attention!r} needs a CUDA model, got device {device}; "
+                                 "use 'default' or 'math'")
+            if resolved.attention == "auto":
+                resolved = replace(resolved, attention="default")
+        if resolved.attention == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attention='flash_attn' asked for, but flash-attn is not installed "
+                             "(pip install flash-attn, or use attention='auto')")
+        return resolved
+
+    def _check(self) -> None:
+        if self.precision not in ("auto", "keep", *PRECISIONS):
+            raise ValueError(f"precision must be one of 'auto', 'keep', {', '.join(map(repr, PRECISIONS))}; "
+                             f"got {self.precision!r}")
+        for name in ("merge_qkv", "merge_adaln", "compile"):
+            value = getattr(self, name)
+            if value not in (True, False, "auto"):
+                raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
+        if self.compile_dynamic not in (True, False):
+            raise ValueError(f"compile_dynamic must be True or False, got {self.compile_dynamic!r}")
+        if self.cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"cuda_graphs must be True, False or 'auto', got {self.cuda_graphs!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
+        if not isinstance(self.graph_max_tokens, int) or self.graph_max_tokens < 0:
+            raise ValueError(f"graph_max_tokens must be an int >= 0, got {self.graph_max_tokens!r}")
+
+    @property
+    def is_plain(self) -> bool:
+        """True when a resolved set of options changes nothing but the precision."""
+        return not (self.merge_qkv or self.merge_adaln or self.compile or self.cuda_graphs) \
+            and self.attention == "default"
+
+
+def accelerate(pipe, options: FastOptions | None = None, **switches: Any):
+    """Make `pipe` sample through a FastDenoiser; returns `pipe`.
+
+    options: a FastOptions; switches: its fields to override, e.g. accelerate(pipe, compile=False).
+    With the defaults this turns everything on for a CUDA model and is a no-op on the CPU (the plain model
+    stays the denoiser). `plain(pipe)` undoes it.
+    """
+    names = {f.name for f in fields(FastOptions)}
+    unknown = sorted(set(switches) - names)
+    if unknown:
+        raise ValueError(f"unknown fast-path switch(es) {unknown}; expected some of {sorted(names)}")
+    options = replace(options or FastOptions(), **switches).resolve(pipe.device)
+    dtype = pipe.autocast_dtype if options.precision == "keep" else PRECISIONS[options.precision]
+    if dtype == torch.float32:
+        dtype = None
+    pipe.autocast_dtype = dtype
+    if options.is_plain:
+        pipe.denoiser = pipe.model
+    else:
+        pipe.denoiser = FastDenoiser(pipe.model, options, autocast_dtype=dtype)
+    return pipe
+
+
+def plain(pipe):
+    """Undo `accelerate`: the sampling loop calls the plain model again (the precision is left as it is)."""
+    pipe.denoiser = pipe.model
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------- the block
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, as pixelflow.model.attention.RMSNorm computes it."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Lq, H, d), k/v (B, Lk, H, d) -> (B, Lq, H, d). kernel "flash_attn" calls flash-attn; any other
+    goes through scaled_dot_product_attention (the SDPA backend is chosen around the call)."""
+    if kernel == "flash_attn" and mask is None:
+        from flash_attn import flash_attn_func
+        return flash_attn_func(q, k, v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def _self_attention(h: torch.Tensor, rope: torch.Tensor, w: dict, spec: tuple) -> torch.Tensor:
+    heads, head_dim, eps, kernel = spec
+    if "qkv_w" in w:
+        q, k, v = F.linear(h, w["qkv_w"], w["qkv_b"]).chunk(3, dim=-1)
+    else:
+        q, k, v = F.linear(h, w["q_w"], w["q_b"]), F.linear(h, w["k_w"], w["k_b"]), F.linear(h, w["v_w"], w["v_b"])
+    q = apply_rope(_rms(q, w["q_norm"], eps).unflatten(-1, (heads, head_dim)), rope)
+    k = apply_rope(_rms(k, w["k_norm"], eps).unflatten(-1, (heads, head_dim)), rope)
+    out = _attend(q, k, v.unflatten(-1, (heads, head_dim)), kernel)
+    return F.linear(out.flatten(-2), w["o_w"], w["o_b"])
+
+
+def _cross_attention(h: torch.Tensor, rope: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
+                     w: dict, spec: tuple) -> torch.Tensor:
+    """Queries from the image (rotated), keys and values from the text (not rotated), as the release."""
+    heads, head_dim, eps, _ = spec
+    q = F.linear(h, w["xq_w"], w["xq_b"])
+    if "xkv_w" in w:
+        k, v = F.linear(context, w["xkv_w"], w["xkv_b"]).chunk(2, dim=-1)
+    else:
+        k, v = F.linear(context, w["xk_w"], w["xk_b"]), F.linear(context, w["xv_w"], w["xv_b"])
+    q = apply_rope(_rms(q, w["xq_norm"], eps).unflatten(-1, (heads, head_dim)), rope)
+    k = _rms(k, w["xk_norm"], eps).unflatten(-1, (heads, head_dim))
+    out = _attend(q, k, v.unflatten(-1, (heads, head_dim)), "sdpa", mask)
+    return F.linear(out.flatten(-2), w["xo_w"], w["xo_b"])
+
+
+def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dict, spec: tuple,
+                  context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One PixelFlowBlock (pixelflow/model/pixelflow_model.py) on dense tokens, the same operations in the same
+    order, from a dict of (possibly merged) weights. Compiled as one region and reused by every block.
+
+    x: (B, N, D); mod: (B, 6, D) float32 adaLN outputs (shift1, scale1, gate1, shift2, scale2, gate2);
+    rope: (N, head_dim, 2) float32; spec: (heads, head_dim, rms eps, attention kernel).
+    """
+    shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
+    h = F.layer_norm(x, (x.shape[-1],), eps=LAYER_NORM_EPS)
+    h = _self_attention(torch.addcmul(shift1[:, None], h, 1 + scale1[:, None]).to(x.dtype), rope, w, spec)
+    x = x + (h * gate1[:, None]).to(x.dtype)
+    if context is not None:
+        x = x + _cross_attention(_rms(x, w["norm2"], spec[2]), rope, context, context_mask, w, spec)
+    h = torch.addcmul(shift2[:, None], _rms(x, w["norm3"], spec[2]), 1 + scale2[:, None]).to(x.dtype)
+    h = F.linear(F.gelu(F.linear(h, w["fc1_w"], w["fc1_b"]), approximate="tanh"), w["fc2_w"], w["fc2_b"])
+    return x + (h * gate2[:, None]).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- attention choice
+def _sdpa_backends(kernel: str) -> list:
+    from torch.nn.attention import SDPBackend
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[kernel]
+
+
+def sdpa_context(kernel: str, strict: bool = False):
+    """Context that makes scaled_dot_product_attention use `kernel` first.
+
+    Not strict: the other exact kernels stay allowed after it (a shape or mask it cannot take falls back to
+    them, as cross-attention with a text mask does). Strict: `kernel` alone.
+    """
+    if kernel not in _SDPA_KERNELS:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+    first = _sdpa_backends(kernel)
+    if strict:
+        return sdpa_kernel([first])
+    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:  # older PyTorch: no priority order
+        return sdpa_kernel([first]) if kernel != "math" else contextlib.nullcontext()
+    rest = [_sdpa_backends(k) for k in ("flash", "efficient", "cudnn", "math") if k != kernel]
+    return sdpa_kernel([first, *rest], set_priority=True)
+
+
+def _time_cuda(fn, reps: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2] / 1e3
+
+
+def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype,
+                      device: torch.device | str, kernels: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Time each exact self-attention kernel on random (batch, seq, heads, head_dim) inputs (CUDA).
+
+    Returns {kernel: {"seconds": median time or None, "max_err": vs a float32 reference on the first image,
+    "error": why it could not run}}.
+    """
+    if kernels is None:
+        kernels = ("cudnn", "flash", "efficient") + (("flash_attn",) if importlib.util.find_spec("flash_attn") else ())
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(3))
+    no_autocast = torch.autocast(torch.device(device).type, enabled=False)  # a caller's autocast must not recast
+    with no_autocast, sdpa_context("math", strict=True):
+        ref = _attend(q[:1].float(), k[:1].float(), v[:1].float(), "sdpa")
+    results = {}
+    for kernel in kernels:
+        try:
+            with no_autocast, sdpa_context(kernel, strict=True):
+                out = _attend(q, k, v, kernel)
+                err = (out[:1].float() - ref).abs().max().item()
+                seconds = _time_cuda(lambda: _attend(q, k, v, kernel)) if err <= ATTENTION_CHECK_ATOL else None
+            results[kernel] = {"seconds": seconds, "max_err": err, "error": None if seconds else "inexact"}
+        except Exception as e:  # a kernel that cannot take this shape/dtype/device is not a candidate
+            results[kernel] = {"seconds": None, "max_err": None, "error": f"{type(e).__name__}: {str(e)[:120]}"}
+    return results
+
+
+def pick_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device | str) -> str:
+    """The fastest exact self-attention kernel for this shape ("default" if none could be timed)."""
+    results = measure_attention(batch, seq, heads, head_dim, dtype, device)
+    timed = {k: r["seconds"] for k, r in results.items() if r["seconds"]}
+    return min(timed, key=timed.get) if timed else "default"
+
+
+# ---------------------------------------------------------------------------------------------- the denoiser
+class FastDenoiser:
+    """Calls like the model (dense inputs): v = denoiser(x, timestep, class_labels=... or
+    encoder_hidden_states=..., encoder_attention_mask=...). Packed inputs (grid_sizes) go to the plain model.
+
+    Weights are read from the model when first needed and again whenever a parameter is changed in place
+    (its version counter moves, as optimizer steps and load_state_dict do); call `refresh()` after changing
+    weights through `.data`.
+    """
+
+    def __init__(self, model: torch.nn.Module, options: FastOptions, autocast_dtype: torch.dtype | None = None):
+        if options.precision == "auto" or "auto" in (options.merge_qkv, options.merge_adaln, options.compile):
+            raise ValueError("FastDenoiser needs resolved options: pass options.resolve(device)")
+        self.model = model
+        self.options = options
+        self.autocast_dtype = autocast_dtype
+        self.device = model.proj_out_2.weight.device
+        self.weight_dtype = autocast_dtype if autocast_dtype is not None else model.proj_out_2.weight.dtype
+        if options.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA model, got {self.device}")
+        self.graph_max_tokens = {True: math.inf, "auto": options.graph_max_tokens, False: 0}[options.cuda_graphs]
+        self.attention_choice: dict[tuple, str] = {}  # (batch, tokens) -> kernel, for reports
+        self._weights: dict | None = None
+        self._version: int | None = None
+        self._graphs: dict[tuple, Any] = {}
+        self._graph_pool = None
+        self._compiled: dict[tuple, Any] = {}  # input shapes -> the block function used for them
+        self._block = block_forward
+        if options.compile:
+            _raise_recompile_limit(64)
+            # Static shapes by default; compile_dynamic marks the batch and token dims dynamic (see _forward).
+            self._block = torch.compile(block_forward, dynamic=None if options.compile_dynamic else False,
+                                        fullgraph=True, backend=options.compile_backend, mode=options.compile_mode)
+
+    # ------------------------------------------------------------------ weights
+    def _param_version(self) -> int:
+        return sum(p._version for p in self.model.parameters())
+
+    def refresh(self) -> None:
+        """Re-read the model's weights into the (merged, cast) copies, in place: captured graphs stay valid."""
+        fresh = self._build_weights()
+        if self._weights is None:
+            self._weights = fresh
+        else:
+            for old, new in zip(_tensors(self._weights), _tensors(fresh)):
+                if old.data_ptr() != new.data_ptr():
+                    old.copy_(new)
+        self._version = self._param_version()
+
+    def _build_weights(self) -> dict:
+        m, o = self.model, self.options
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(self.weight_dtype)
+
+        def cat(*ts: torch.Tensor | None) -> torch.Tensor | None:
+            return None if ts[0] is None else torch.cat([cast(t) for t in ts])
+
+        blocks = []
+        for block in m.transformer_blocks:
+            a = block.attn1
+            w = {"q_norm": a.q_norm.weight.detach(), "k_norm": a.k_norm.weight.detach(),
+                 "o_w": cast(a.o_proj.weight), "o_b": cast(a.o_proj.bias), "norm3": block.norm3.weight.detach(),
+                 "fc1_w": cast(block.mlp.fc1.weight), "fc1_b": cast(block.mlp.fc1.bias),
+                 "fc2_w": cast(block.mlp.fc2.weight), "fc2_b": cast(block.mlp.fc2.bias)}
+            if o.merge_qkv:
+                w["qkv_w"] = cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+                w["qkv_b"] = cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
+            else:
+                for n in "qkv":
+                    proj = getattr(a, f"{n}_proj")
+                    w[f"{n}_w"], w[f"{n}_b"] = cast(proj.weight), cast(proj.bias)
+            if hasattr(block, "attn2"):
+                x = block.attn2
+                w.update({"norm2": block.norm2.weight.detach(), "xq_w": cast(x.q_proj.weight),
+                          "xq_b": cast(x.q_proj.bias), "xq_norm": x.q_norm.weight.detach(),
+                          "xk_norm": x.k_norm.weight.detach(), "xo_w": cast(x.o_proj.weight),
+                          "xo_b": cast(x.o_proj.bias)})
+                if o.merge_qkv:
+                    w["xkv_w"], w["xkv_b"] = cat(x.k_proj.weight, x.v_proj.weight), cat(x.k_proj.bias, x.v_proj.bias)
+                else:
+                    w.update({"xk_w": cast(x.k_proj.weight), "xk_b": cast(x.k_proj.bias),
+                              "xv_w": cast(x.v_proj.weight), "xv_b": cast(x.v_proj.bias)})
+            if not o.merge_adaln:
+                w["ada_w"], w["ada_b"] = cast(block.norm1.linear.weight), cast(block.norm1.linear.bias)
+            blocks.append(w)
+        weights = {"blocks": blocks}
+        if o.merge_adaln:
+            lins = [b.norm1.linear for b in m.transformer_blocks]
+            weights["ada_w"] = cat(*[l.weight for l in lins])
+            weights["ada_b"] = cat(*[l.bias for l in lins])
+        return weights
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def __call__(self, hidden_states: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
+                 encoder_hidden_states: torch.Tensor | None = None,
+                 encoder_attention_mask: torch.Tensor | None = None,
+                 grid_sizes: list[int] | None = None) -> torch.Tensor:
+        m, x = self.model, hidden_states
+        if grid_sizes is not None:
+            return m(x, timestep, class_labels, encoder_hidden_states, encoder_attention_mask, grid_sizes)
+        if x.ndim != 4 or x.shape[1] != m.in_channels or x.shape[2] % m.patch_size or x.shape[3] % m.patch_size:
+            raise ValueError(f"expected hidden_states (B, {m.in_channels}, H, W) with H and W multiples of "
+                             f"patch_size {m.patch_size}, got {tuple(x.shape)}")
+        if m.cross_attention_dim is not None and encoder_hidden_states is None:
+            raise ValueError("this model is text-conditional: pass encoder_hidden_states (B, Lt, "
+                             f"{m.cross_attention_dim})")
+        if self._weights is None or self._param_version() != self._version:
+            self.refresh()
+        b = x.shape[0]
+        timestep = torch.as_tensor(timestep, device=x.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(b)
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=x.device)
+        inputs = (x, timestep, class_labels, encoder_hidden_states, encoder_attention_mask)
+        tokens = b * (x.shape[2] // m.patch_size) * (x.shape[3] // m.patch_size)
+        kernel = self._attention_kernel(b, tokens // b)  # measured once per shape, outside autocast
+        with self._precision(), sdpa_context(kernel):
+            if tokens <= self.graph_max_tokens:
+                return self._replay(inputs)
+            return self._forward(*inputs)
+
+    def _precision(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        # No weight-cast cache: it would outlive a captured graph; the matmul weights are cast already.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _attention_kernel(self, batch: int, seq: int) -> str:
+        kernel = self.options.attention
+        if kernel != "auto":
+            return kernel
+        key = (batch, seq)
+        if key not in self.attention_choice:
+            m = self.model
+            self.attention_choice[key] = pick_attention(batch, seq, m.num_attention_heads, m.attention_head_dim,
+                                                        self.weight_dtype, self.device)
+        return self.attention_choice[key]
+
+    def _forward(self, x, timestep, class_labels, context, context_mask) -> torch.Tensor:
+        """The model's dense forward (PixelFlowModel.forward) with the blocks run by block_forward."""
+        m, w = self.model, self._weights
+        b, _, height, width = x.shape
+        gh, gw = height // m.patch_size, width // m.patch_size
+        tokens = m.patch_embed(m.patchify(x))
+        grid_side = torch.full((1,), gw, device=x.device)  # as the model (and the release): the token-grid width
+        c = m.conditioning(timestep, grid_side, class_labels, b, tokens.dtype)
+        mask = m._text_mask(context_mask, x.dtype)
+        rope = m.rope_table(gh, gw, x.device)
+        kernel = self._attention_kernel(b, gh * gw)
+        spec = (m.num_attention_heads, m.attention_head_dim, m.transformer_blocks[0].norm3.eps, kernel)
+        silu_c = F.silu(c)
+        if "ada_w" in w:  # merged: (B, depth * 6D) -> (B, depth, 6, D)
+            mods = F.linear(silu_c, w["ada_w"], w["ada_b"]).float().unflatten(-1, (len(w["blocks"]), 6, -1)).unbind(1)
+        else:
+            mods = [F.linear(silu_c, bw["ada_w"], bw["ada_b"]).float().unflatten(-1, (6, -1)) for bw in w["blocks"]]
+        if self.options.compile_dynamic:
+            for t in (tokens, *mods, rope) + (() if context is None else (context,)):
+                torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(tokens, 1)
+        block = self._block_for(tokens, mods[0], rope, w["blocks"][0], spec, context, mask)
+        for mod, bw in zip(mods, w["blocks"]):
+            tokens = block(tokens, mod, rope, bw, spec, context, mask)
+        return m.unpatchify(m.final_layer(tokens, c), gh, gw)
+
+    def _block_for(self, *args):
+        """The compiled block, compiled here for a new shape; the plain block_forward for a shape whose
+        compilation failed (with a warning: slower, same numbers)."""
+        if self._block is block_forward:
+            return block_forward
+        key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else None for a in args) + \
+            (torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None,)
+        if key not in self._compiled:
+            try:
+                self._block(*args)
+                self._compiled[key] = self._block
+            except Exception as e:  # noqa: BLE001 - any compiler failure: keep sampling, eagerly
+                warnings.warn(f"torch.compile of the transformer block failed for tokens {tuple(args[0].shape)} "
+                              f"({type(e).__name__}: {str(e)[:300]}); running this shape without compile")
+                self._compiled[key] = block_forward
+        return self._compiled[key]
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _replay(self, inputs: tuple) -> torch.Tensor:
+        key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs) + (self.autocast_dtype,)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(inputs)
+        if entry is False:
+            return self._forward(*inputs)
+        graph, static_inputs, static_out = entry
+        for static, given in zip(static_inputs, inputs):
+            if given is not None:
+                static.copy_(given)
+        graph.replay()
+        # The output lives in the graphs' shared pool, which the next replay of another graph may reuse.
+        return static_out.clone()
+
+    def _capture(self, inputs: tuple):
+        static = tuple(None if t is None else t.clone() for t in inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles, autotunes, fills caches (RoPE tables) outside the graph
+            for _ in range(2):
+                self._forward(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                out = self._forward(*static)
+        except Exception as e:  # a kernel that cannot be captured: run this shape without a graph
+            warnings.warn(f"CUDA graph capture failed for input shape {tuple(inputs[0].shape)} "
+                          f"({type(e).__name__}: {e}); running it without a graph")
+            return False
+        return graph, static, out
+
+    @property
+    def num_graphs(self) -> int:
+        return sum(1 for e in self._graphs.values() if e)
+
+    def status(self) -> dict:
+        """What the fast path did so far: attention kernel per (rows, tokens), CUDA graphs captured and failed,
+        block shapes compiled and shapes that fell back to the plain block."""
+        return {"attention": dict(self.attention_choice), "graphs": self.num_graphs,
+                "graph_failures": sum(1 for e in self._graphs.values() if e is False),
+                "compiled_shapes": sum(1 for f in self._compiled.values() if f is not block_forward),
+                "compile_fallbacks": sum(1 for f in self._compiled.values() if f is block_forward)}
+
+
+def _tensors(weights: dict):
+    for w in [weights, *weights["blocks"]]:
+        for key in sorted(w):
+            if isinstance(w[key], torch.Tensor):
+                yield w[key]
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    """Each (stage resolution, batch) is its own static shape of the compiled block: allow that many."""
+    import torch._dynamo.config as dynamo_config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < limit:
+            setattr(dynamo_config, name, limit)

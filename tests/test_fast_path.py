@@ -1,0 +1,303 @@
+"""The fast sampling path (pixelflow.fast) computes what the plain path computes, switch by switch, on the CPU.
+
+Every switch that runs on the CPU is compared with the plain model in float32 (tight tolerance) and with the
+release's golden sampling runs; torch.compile is checked for graph capture with the aot_eager backend (the
+same traced graph inductor would compile) and once with inductor itself (marked slow). CUDA-only switches
+(CUDA graphs, SDPA kernel choice, bf16 on the GPU) are checked by benchmarks/gpu_check.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pixelflow import fast
+from pixelflow.pipeline import PixelFlowPipeline
+
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+EXACT_ATOL = 1e-6     # float32: merged matmuls may only reassociate sums
+SAMPLING_ATOL = 1e-4  # golden README: whole sampling runs to about 1e-4
+ALL_CPU_SWITCHES = dict(merge_qkv=True, merge_adaln=True, attention="math")
+EAGER_COMPILE = dict(compile=True, compile_backend="aot_eager")
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def pipe() -> PixelFlowPipeline:
+    """A private golden class-to-image pipeline (the session one stays untouched)."""
+    return PixelFlowPipeline.from_pretrained(GOLDEN_DIR / "c2i_ckpt", device="cpu")
+
+
+@pytest.fixture
+def plain_pipe(pipe):
+    fast.plain(pipe)
+    pipe.autocast_dtype = None
+    yield pipe
+    fast.plain(pipe)
+    pipe.autocast_dtype = None
+
+
+def forward_inputs(seed: int = 0, batch: int = 3, size: int = 16):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    t = torch.rand(batch, generator=gen) * 999
+    labels = torch.randint(0, 1000, (batch,), generator=gen)
+    labels[-1] = 1000  # the null label
+    return x, t, labels
+
+
+def denoiser(model, **switches) -> fast.FastDenoiser:
+    options = fast.FastOptions(**{"merge_qkv": False, "merge_adaln": False, "attention": "default",
+                                  **switches}).resolve("cpu")
+    return fast.FastDenoiser(model, options)
+
+
+# ---------------------------------------------------------------------------------------------- switches
+def test_defaults_leave_the_cpu_path_plain(plain_pipe):
+    fast.accelerate(plain_pipe)
+    assert plain_pipe.denoiser is plain_pipe.model
+    assert plain_pipe.autocast_dtype is None
+
+
+def test_every_switch_can_be_turned_off(plain_pipe):
+    off = dict(merge_qkv=False, merge_adaln=False, compile=False, attention="default", cuda_graphs=False,
+               precision="keep")
+    assert fast.FastOptions(**off).resolve("cpu").is_plain
+    assert fast.FastOptions(**off).resolve("cuda").is_plain  # resolving touches no GPU
+    fast.accelerate(plain_pipe, **off)
+    assert plain_pipe.denoiser is plain_pipe.model
+    for name, on in [("merge_qkv", True), ("merge_adaln", True), ("compile", True), ("attention", "math")]:
+        options = fast.FastOptions(**{**off, name: on}).resolve("cpu")
+        assert not options.is_plain and getattr(options, name) == on
+    cuda = fast.FastOptions().resolve("cuda")
+    assert (cuda.precision, cuda.merge_qkv, cuda.merge_adaln, cuda.compile, cuda.attention, cuda.cuda_graphs) == \
+        ("bf16", True, True, True, "auto", "auto")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(precision="int8"), "precision"), (dict(compile="yes"), "compile"), (dict(attention="xformers"), "attention"),
+    (dict(cuda_graphs=True), "CUDA"), (dict(attention="flash"), "CUDA"),
+    (dict(graph_max_tokens=-1), "graph_max_tokens"),
+])
+def test_bad_options_are_named(plain_pipe, bad, message):
+    with pytest.raises(ValueError, match=message):
+        fast.accelerate(plain_pipe, **bad)
+
+
+def test_unknown_switch_is_an_error(plain_pipe):
+    with pytest.raises(ValueError, match="unknown fast-path switch"):
+        fast.accelerate(plain_pipe, compile_everything=True)
+
+
+# ---------------------------------------------------------------------------------------------- forwards
+@pytest.mark.parametrize("switches", [
+    {}, dict(merge_qkv=True), dict(merge_adaln=True), dict(attention="math"), ALL_CPU_SWITCHES,
+], ids=["none", "merge_qkv", "merge_adaln", "attention_math", "all"])
+def test_forward_equals_model(pipe, switches):
+    x, t, labels = forward_inputs()
+    with torch.no_grad():
+        expected = pipe.model(x, t, class_labels=labels)
+        out = denoiser(pipe.model, **switches)(x, t, class_labels=labels)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    if not switches:  # nothing merged: the very same operations in the same order
+        assert torch.equal(out, expected)
+    assert max_abs(out, expected) < EXACT_ATOL
+
+
+def test_forward_matches_golden_c2i(pipe, load_golden):
+    for case in load_golden("c2i_forward.pt").values():
+        with torch.no_grad():
+            out = denoiser(pipe.model, **ALL_CPU_SWITCHES)(case["hidden_states"], case["timestep"],
+                                                            class_labels=case["class_labels"])
+        assert max_abs(out, case["output"]) < 1e-5
+
+
+@pytest.mark.parametrize("merge_qkv", [False, True])
+def test_text_to_image_forward_equals_model_and_golden(t2i_model, load_golden, merge_qkv):
+    case = load_golden("t2i_forward.pt")
+    args = (case["hidden_states"], case["timestep"])
+    kwargs = dict(encoder_hidden_states=case["encoder_hidden_states"],
+                  encoder_attention_mask=case["encoder_attention_mask"])
+    with torch.no_grad():
+        expected = t2i_model(*args, **kwargs)
+        out = denoiser(t2i_model, merge_qkv=merge_qkv, merge_adaln=True)(*args, **kwargs)
+    assert max_abs(out, expected) < EXACT_ATOL
+    assert max_abs(out, case["output"]) < 1e-5
+
+
+def test_packed_inputs_go_to_the_plain_model(pipe, load_golden):
+    case = load_golden("c2i_forward_packed.pt")
+    grid_sizes = case["latent_size"].tolist()
+    with torch.no_grad():
+        out = denoiser(pipe.model, **ALL_CPU_SWITCHES)(case["hidden_states"], case["timestep"],
+                                                        class_labels=case["class_labels"], grid_sizes=grid_sizes)
+    assert max_abs(out, case["output"]) < 1e-5
+
+
+def test_weights_follow_in_place_updates(make_tiny_model):
+    model = make_tiny_model().eval()
+    torch.nn.init.normal_(model.proj_out_2.weight, std=0.02)  # fresh models output exactly zero
+    den = denoiser(model, merge_qkv=True, merge_adaln=True)
+    x, t, labels = forward_inputs(batch=2, size=8)
+    labels = labels % model.num_classes
+    with torch.no_grad():
+        before = den(x, t, class_labels=labels)
+        for block in model.transformer_blocks:  # as an optimizer step or load_state_dict does: in place
+            block.attn1.q_proj.weight.mul_(1.5)
+            block.norm1.linear.weight.normal_(std=0.02)
+        after = den(x, t, class_labels=labels)
+        expected = model(x, t, class_labels=labels)
+    assert max_abs(after, expected) < EXACT_ATOL
+    assert max_abs(before, after) > 1e-4
+
+
+def test_bf16_fast_forward_equals_plain_bf16(pipe):
+    x, t, labels = forward_inputs()
+    den = fast.FastDenoiser(pipe.model, fast.FastOptions(precision="bf16", **ALL_CPU_SWITCHES).resolve("cpu"),
+                            autocast_dtype=torch.bfloat16)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = pipe.model(x, t, class_labels=labels)
+        out = den(x, t, class_labels=labels)
+        full = pipe.model(x, t, class_labels=labels)
+    assert den._weights["blocks"][0]["qkv_w"].dtype == torch.bfloat16  # cast once, not per call
+    assert out.dtype == expected.dtype == torch.bfloat16
+    # Same weights, same autocast rules: equal up to bf16 rounding, and as far from float32 as the plain bf16 path.
+    scale = full.abs().max().item()
+    assert max_abs(out, expected) <= 1e-2 * scale
+    assert max_abs(out, full) <= 2 * max_abs(expected, full) + 1e-3 * scale
+
+
+# ---------------------------------------------------------------------------------------------- compile
+def test_compiled_block_is_one_region_per_shape(make_tiny_model):
+    """Regional compile: the blocks share one compiled graph per input shape, with no graph breaks."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_tiny_model(depth=3).eval()
+    torch.nn.init.normal_(model.proj_out_2.weight, std=0.02)
+    den = denoiser(model, merge_qkv=True, merge_adaln=True, **EAGER_COMPILE)
+    for size in (8, 16):
+        x, t, labels = forward_inputs(batch=2, size=size)
+        with torch.no_grad():
+            out = den(x, t, class_labels=labels % model.num_classes)
+            assert max_abs(out, model(x, t, class_labels=labels % model.num_classes)) < EXACT_ATOL
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_dynamic_compile_serves_every_shape_with_one_graph(make_tiny_model):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_tiny_model().eval()
+    torch.nn.init.normal_(model.proj_out_2.weight, std=0.02)
+    den = denoiser(model, merge_qkv=True, merge_adaln=True, compile_dynamic=True, **EAGER_COMPILE)
+    for batch, size in ((2, 8), (3, 16), (4, 32)):
+        x, t, labels = forward_inputs(batch=batch, size=size)
+        with torch.no_grad():
+            out = den(x, t, class_labels=labels % model.num_classes)
+            assert max_abs(out, model(x, t, class_labels=labels % model.num_classes)) < EXACT_ATOL
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_compile_failure_falls_back_to_the_plain_block(pipe):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    den = denoiser(pipe.model, compile=True, compile_backend=broken_backend)
+    x, t, labels = forward_inputs()
+    with torch.no_grad(), pytest.warns(UserWarning, match="running this shape without compile"):
+        out = den(x, t, class_labels=labels)
+    with torch.no_grad():
+        assert torch.equal(out, pipe.model(x, t, class_labels=labels))
+    assert den.status()["compile_fallbacks"] == 1 and den.status()["compiled_shapes"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("name, switches", [
+    ("euler_cfg", {**ALL_CPU_SWITCHES, **EAGER_COMPILE}),
+    ("euler_shift", ALL_CPU_SWITCHES),
+])
+def test_fast_sampling_gives_the_plain_images(plain_pipe, load_golden, name, switches):
+    """The issue's check: same noise, same images, fast path vs plain path (and vs the release)."""
+    run = load_golden(f"pipeline_{name}.pt")
+    kwargs = dict(class_labels=run["labels"], height=32, width=32, num_inference_steps=run["steps"],
+                  guidance_scale=run["cfg"], shift=run["shift"], solver="euler", latents=run["initial_noise"],
+                  stage_noise=run["block_noise"], output_type="pt")
+    plain = plain_pipe(**kwargs)
+    fast.accelerate(plain_pipe, **switches)
+    assert isinstance(plain_pipe.denoiser, fast.FastDenoiser)
+    images = plain_pipe(**kwargs)
+    assert max_abs(images, plain) < EXACT_ATOL
+    assert max_abs(images, run["samples"]) < SAMPLING_ATOL
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.slow  # inductor compiles C++ for the CPU: about a minute cold on 2 idle cores
+def test_inductor_compiled_forward_equals_model(pipe):
+    x, t, labels = forward_inputs()
+    with torch.no_grad():
+        expected = pipe.model(x, t, class_labels=labels)
+        out = denoiser(pipe.model, compile=True, **ALL_CPU_SWITCHES)(x, t, class_labels=labels)
+        assert max_abs(out, expected) < 1e-5
+        # bf16: inductor may round at other points than eager autocast, but no further from float32.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain_bf16 = pipe.model(x, t, class_labels=labels)
+        options = fast.FastOptions(precision="bf16", compile=True, **ALL_CPU_SWITCHES).resolve("cpu")
+        fast_bf16 = fast.FastDenoiser(pipe.model, options, autocast_dtype=torch.bfloat16)(x, t, class_labels=labels)
+    assert rel_err(fast_bf16, expected) <= 1.5 * rel_err(plain_bf16, expected)
+    assert rel_err(fast_bf16, plain_bf16) <= 2 * rel_err(plain_bf16, expected)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+def test_flop_count_matches_the_issue():
+    """430 TFLOPs per 256 px image: 2 x 30 x the four stages' forwards of XL."""
+    sys.path.insert(0, str(BENCHMARKS_DIR))
+    import bench_sampling
+
+    with torch.device("meta"):
+        model = bench_sampling.PixelFlowModel(**bench_sampling.XL_C2I_PARAMS)
+    per_image = sum(2 * 30 * bench_sampling.forward_flops(model, 1, r, r) for r in (32, 64, 128, 256))
+    assert per_image == pytest.approx(430e12, rel=0.01)
+    weights = [1.0, 1.2333, 1.9333, 2.4]  # stage 0 is unguided: its null half is skipped
+    assert bench_sampling.sampling_flops(model, 1, 256, [30] * 4, weights) == \
+        pytest.approx(per_image - 30 * bench_sampling.forward_flops(model, 1, 32, 32))
+
+
+def test_benchmark_runs_tiny(capsys):
+    sys.path.insert(0, str(BENCHMARKS_DIR))
+    import bench_sampling
+
+    bench_sampling.main(["--tiny", "--steps", "1", "--forward-reps", "1", "--compare-plain"])
+    out = capsys.readouterr().out
+    assert "| fast | 2 |" in out and "| plain | 2 |" in out
+    assert "max_uint8 0," in out
+
+
+@pytest.mark.slow  # ~35 s: the whole GPU check script, dry, so its one GPU run is not its first run
+def test_gpu_check_dry_run_without_omegaconf(tmp_path):
+    import json
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS_DIR / "gpu_check.py"), "--tiny", "--no-omegaconf", "--batch-sizes", "2",
+         "--steps", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SECTION FAILED" not in result.stdout, result.stdout[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert all(v.startswith("ok") for v in report["sections"].values()), report["sections"]
+    assert report["environment"]["omegaconf"] is False
+    assert report["fast_vs_plain_images"]["max_uint8"] == 0
