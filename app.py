@@ -19,7 +19,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="PixelFlow Gradio demo")
+    p = argparse.ArgumentParser(description="PixelFlow Gradio demo", allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="pretrained folder (config.yaml + model.pt) or a run's output folder")
     p.add_argument("--class_cond", action="store_true",
                    help="accepted for the release's command line; the checkpoint's config decides, and this "

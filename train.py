@@ -13,7 +13,8 @@ from pixelflow.training import TrainOptions, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a PixelFlow model (class- or text-to-image).")
+    parser = argparse.ArgumentParser(description="Train a PixelFlow model (class- or text-to-image).",
+                                     allow_abbrev=False)
     parser.add_argument("config", help="YAML config, e.g. configs/tiny_c2i.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override config entries, e.g. train.max_steps=200 data.root=/data")

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .model.pixelflow_model import patchify
 from .scheduler import PixelFlowScheduler
 
 
@@ -45,10 +46,7 @@ def assign_stages(batch_size: int, num_stages: int, generator: torch.Generator |
 
 def patchify_tokens(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, H, W) -> (B * H/p * W/p, C * p * p), images one after another, features (channel, row, col)."""
-    p = patch_size
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b * (h // p) * (w // p), c * p * p)
+    return patchify(x, patch_size).flatten(0, 1)
 
 
 def pack_batch(scheduler: PixelFlowScheduler, images: torch.Tensor, stages: torch.Tensor,

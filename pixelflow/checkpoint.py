@@ -52,6 +52,11 @@ def instantiate(target: str, params: dict) -> torch.nn.Module:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"model.target {target!r} does not resolve: {e}") from None
+    import inspect
+    accepted = [n for n, p in inspect.signature(cls).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown model.params key(s) {unknown} for {target}; valid keys: {accepted}")
     return cls(**params)
 
 

@@ -28,7 +28,6 @@ DEFAULTS = {
         "precision": "auto",        # auto: bf16 autocast on CUDA, fp32 on the CPU; or "bf16", "fp32"
         "keep_checkpoints": 3,      # newest checkpoints kept in OUTPUT/checkpoints
         "preview_steps": 0,         # also write a preview grid every N steps (0: only with each checkpoint)
-        "compile": False,           # torch.compile the network's blocks for training
     },
     "data": {
         "name": "imagefolder",      # imagefolder | synthetic | captions
@@ -140,6 +139,17 @@ def validate_train_config(config: DictConfig) -> None:
         raise ValueError(f"train.keep_checkpoints={train.keep_checkpoints} must be an int >= 1")
     if not isinstance(train.betas, (list, ListConfig)) or len(train.betas) != 2:
         raise ValueError(f"train.betas={train.betas} must be two numbers")
+    for key, low in (("lr", 0.0), ("grad_clip", 0.0)):
+        value = train[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+            raise ValueError(f"train.{key}={value!r} must be a number > {low:g}")
+    if isinstance(train.weight_decay, bool) or not isinstance(train.weight_decay, (int, float)) \
+            or train.weight_decay < 0:
+        raise ValueError(f"train.weight_decay={train.weight_decay!r} must be a number >= 0")
+    if not isinstance(train.preview_steps, int) or train.preview_steps < 0:
+        raise ValueError(f"train.preview_steps={train.preview_steps!r} must be an int >= 0 (0: only with checkpoints)")
+    if not isinstance(data.num_workers, int) or data.num_workers < 0:
+        raise ValueError(f"data.num_workers={data.num_workers!r} must be an int >= 0")
 
 
 def to_yaml(config: DictConfig) -> str:

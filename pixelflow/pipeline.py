@@ -350,14 +350,14 @@ class PixelFlowPipeline:
             if not isinstance(value, (int, np.integer)) or value < m or value % m:
                 raise ValueError(f"{name}={value} must be a positive multiple of {m} "
                                  f"(patch_size {self.model.patch_size} x 2^(stages-1))")
-        if not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
-        if not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        if not (shift > 0 and math.isfinite(shift)):
+            raise ValueError(f"shift must be a finite number > 0, got {shift}")
 
     def _check_generators(self, generator, batch: int):
         if generator is None or isinstance(generator, torch.Generator):

@@ -6,6 +6,7 @@ mask makes that exact (a caption's features do not depend on how far it is padde
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -36,17 +37,22 @@ class TextFeatures:
     def _cached(self, captions: list[str], indices: list[int]) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(captions)
         missing = []
-        for i, index in enumerate(indices):
-            path = self.cache_dir / f"{index:09d}.pt"
+        paths = [self._cache_path(i, c) for i, c in zip(indices, captions)]
+        for i, path in enumerate(paths):
             if path.is_file():
                 out[i] = torch.load(path, map_location=self.device, weights_only=True).float()
             else:
                 missing.append(i)
         if missing:
             for i, features in zip(missing, self._encode([captions[i] for i in missing])):
-                atomic_save(features.half().cpu(), self.cache_dir / f"{indices[i]:09d}.pt")
+                atomic_save(features.half().cpu(), paths[i])
                 out[i] = features.half().float()  # what a later read of the cache gives
         return out
+
+    def _cache_path(self, index: int, caption: str) -> Path:
+        """One file per (dataset index, caption): a changed captions file never reads stale features."""
+        digest = hashlib.sha1(caption.encode("utf-8")).hexdigest()[:12]
+        return self.cache_dir / f"{index:09d}-{digest}.pt"
 
     @torch.no_grad()
     def __call__(self, captions: list[str], indices: torch.Tensor, dropped: torch.Tensor):

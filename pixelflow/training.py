@@ -122,7 +122,7 @@ class Reporter:
         if not is_main:
             return
         if self.path.exists():  # drop rows past the checkpoint we resume from: they will be redone
-            rows = [r for r in self.path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= resume_step]
+            rows = [r for r in self.path.read_text().splitlines() if _row_step(r) <= resume_step]
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -148,6 +148,14 @@ class Reporter:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _row_step(row: str) -> float:
+    """The step of a metrics row; a torn last line (a kill mid-write) counts as past every step."""
+    try:
+        return json.loads(row)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def check_report_to(report_to: str | None) -> None:
@@ -186,13 +194,18 @@ def save_checkpoint(output_dir: Path, config: DictConfig, model: torch.nn.Module
         "position": progress.position,
         "skipped_images": progress.skipped_images,
         "world_size": len(rng_states),
+        "batch_size": int(config.data.batch_size),
         "rng": rng_states,
     }, tmp / TRAINING_STATE)
     _fsync_dir(tmp)
+    old = None
     if final.exists():  # the same step written again (a resumed run that died right after saving)
-        shutil.rmtree(final)
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)  # until the new folder is in place, the old one stays complete on disk
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -209,6 +222,20 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def recover_checkpoints(output_dir: Path) -> None:
+    """Tidy OUTPUT/checkpoints after a kill: a step moved aside (.old-*) whose replacement never landed goes
+    back; half-written folders (.tmp-*) and superseded ones are removed."""
+    root = output_dir / "checkpoints"
+    for old in root.glob(".old-*"):
+        final = root / old.name.split("-")[1]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def latest_training_checkpoint(output_dir: Path) -> Path | None:
@@ -238,12 +265,13 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(self.output_dir, self.dist.is_main)
         if self.dist.is_main:  # a run killed while saving leaves a temporary folder behind
-            for stale in (self.output_dir / "checkpoints").glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            recover_checkpoints(self.output_dir)
         self.amp_dtype = autocast_dtype(config.train.precision, self.device)
         self.seed = int(config.seed)
 
         self.dataset = build_dataset(config, seed=self.seed)
+        self.sampler = ResumableShardSampler(len(self.dataset), int(config.data.batch_size), self.dist.rank,
+                                             self.dist.world_size, seed=self.seed)  # checks the size first
         self.scheduler = PixelFlowScheduler(int(config.scheduler.num_train_timesteps),
                                             int(config.scheduler.num_stages),
                                             pyramid_shift=bool(config.scheduler.pyramid_shift))
@@ -268,8 +296,6 @@ class Trainer:
 
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.dist.initialized else self.model)
-        self.sampler = ResumableShardSampler(len(self.dataset), int(config.data.batch_size), self.dist.rank,
-                                             self.dist.world_size, seed=self.seed)
         self.total_steps = (int(train.max_steps) if train.max_steps is not None
                             else int(train.epochs) * self.sampler.batches_per_epoch)
 
@@ -299,7 +325,16 @@ class Trainer:
         load_weights(self.model, state["model"], source=str(folder / TRAINING_STATE))
         load_weights(self.ema, read_state_dict(folder / "model.pt"), source=str(folder / "model.pt"))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = Progress(step=state["step"], epoch=state["epoch"], position=state["position"],
+        position = state["position"]
+        saved = (state["world_size"], state.get("batch_size", int(self.config.data.batch_size)))
+        now = (self.dist.world_size, int(self.config.data.batch_size))
+        if saved != now:
+            # Another layout shards the epoch differently: continue after as many images as were used.
+            position = position * saved[0] * saved[1] // (now[0] * now[1])
+            self._log(f"WARNING: resuming a run of {saved[0]} process(es) x batch {saved[1]} with {now[0]} x {now[1]}: "
+                      f"the rest of epoch {state['epoch']} starts at batch {position}; the steps are no longer "
+                      "those of an uninterrupted run")
+        self.progress = Progress(step=state["step"], epoch=state["epoch"], position=position,
                                  skipped_images=state["skipped_images"])
         if state["world_size"] == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
@@ -427,9 +462,11 @@ class Trainer:
         """Compare a checksum of the weights across ranks; DDP must keep them identical."""
         if not self.dist.initialized:
             return
-        flat = torch.cat([p.detach().double().flatten() for p in self.model.parameters()])
-        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(1009) + 1
-        checksum = torch.stack([flat.sum(), (flat * weights).sum()]).cpu()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i, p in enumerate(self.model.parameters()):  # one parameter at a time: no copy of the whole model
+            total[0] += p.detach().sum(dtype=torch.float64)
+            total[1] += (i + 1) * p.detach().abs().sum(dtype=torch.float64)
+        checksum = total.cpu()
         sums = [None] * self.dist.world_size
         torch.distributed.all_gather_object(sums, checksum.tolist())
         if any(s != sums[0] for s in sums):

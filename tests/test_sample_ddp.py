@@ -252,7 +252,6 @@ def test_training_output_folder_resolves_to_newest_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------------------ text-to-image
 @pytest.fixture
 def t2i_ckpt(tmp_path):
-    pytest.importorskip("transformers")
     ckpt = tmp_path / "t2i"
     ckpt.mkdir()
     (ckpt / "model.pt").write_bytes((T2I / "model.pt").read_bytes())

@@ -20,6 +20,14 @@ LAYER_NORM_EPS = 1e-6
 TEXT_MASK_BIAS = -10000.0  # added to the scores of padded text tokens, as the release does
 
 
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, C * p * p): tokens row-major, features (channel, row-in-patch, col-in-patch)."""
+    p = patch_size
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
 class PatchEmbed(nn.Module):
     """p x p patches with stride p -> D channels. Stored as the release's Conv2d weight, applied as a
     Linear over each patch flattened in (channel, row-in-patch, col-in-patch) order."""
@@ -120,8 +128,10 @@ class PixelFlowModel(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if attention_head_dim % 4:
             raise ValueError(f"attention_head_dim must be divisible by 4 for 2D RoPE, got {attention_head_dim}")
-        if num_classes < 0:
+        if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = no class conditioning), got {num_classes}")
+        if cross_attention_dim is not None and (not isinstance(cross_attention_dim, int) or cross_attention_dim < 1):
+            raise ValueError(f"cross_attention_dim must be a positive int or None, got {cross_attention_dim!r}")
         if dropout:
             raise ValueError(f"dropout is not supported (the release trains without it), got {dropout}")
         dim = num_attention_heads * attention_head_dim
@@ -184,10 +194,7 @@ class PixelFlowModel(nn.Module):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, H/p * W/p, C * p * p) tokens, row-major, features (channel, row, col)."""
-        p = self.patch_size
-        b, c, h, w = x.shape
-        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // p) * (w // p), c * p * p)
+        return patchify(x, self.patch_size)
 
     def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, h*w, p*p*C) with features (row, col, channel) as the output head emits them -> (B, C, h*p, w*p)."""

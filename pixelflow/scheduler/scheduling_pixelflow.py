@@ -185,7 +185,10 @@ def halve(x: torch.Tensor, times: int) -> torch.Tensor:
 
 
 def randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
-    """Standard normal draw on `device` from `generator` (which must live on that device)."""
-    if generator is not None:
-        device = generator.device if device is None else device
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    """Standard normal draw from `generator`, made on the generator's device and returned on `device`.
+
+    Use a generator on the sampling device to draw there directly (no copy)."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    return noise if device is None else noise.to(device)
