@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,6 +69,41 @@ def build_model(config: DictConfig, device: torch.device | str = "cpu", meta: bo
     target = config.model.get("target", "pixelflow.model.PixelFlowModel")
     with torch.device("meta" if meta else device):
         return instantiate(target, params)
+
+
+@dataclass(frozen=True)
+class ConfigSummary:
+    """What the scripts need to know of a checkpoint's config before loading weights (released defaults)."""
+
+    num_classes: int
+    num_stages: int
+    num_train_timesteps: int
+    pyramid_shift: bool
+    resolution: int
+
+    @property
+    def class_conditional(self) -> bool:
+        return self.num_classes > 0
+
+
+def summarize_config(config: DictConfig) -> ConfigSummary:
+    params = config.get("model", {}).get("params", {})
+    scheduler = config.get("scheduler", {})
+    return ConfigSummary(
+        num_classes=int(params.get("num_classes", 0) or 0),
+        num_stages=int(scheduler.get("num_stages", 4)),
+        num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
+        pyramid_shift=bool(scheduler.get("pyramid_shift", False)),
+        resolution=int(config.get("data", {}).get("resolution", 256)),
+    )
+
+
+def scheduler_from_config(config: DictConfig):
+    """The PixelFlowScheduler a config describes."""
+    from .scheduler import PixelFlowScheduler
+    summary = summarize_config(config)
+    return PixelFlowScheduler(num_train_timesteps=summary.num_train_timesteps, num_stages=summary.num_stages,
+                              pyramid_shift=summary.pyramid_shift)
 
 
 def find_weights(folder: str | os.PathLike) -> Path:

@@ -24,7 +24,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from .checkpoint import load_config, resolve_pretrained
+from .checkpoint import load_config, resolve_pretrained, summarize_config
 from .imagenet_classes import class_names
 from .pipeline import SOLVERS, PixelFlowPipeline
 
@@ -69,7 +69,7 @@ def load_demo_pipeline(checkpoint: str | Path, device: str | torch.device | None
     """
     folder = resolve_pretrained(checkpoint)
     config = load_config(folder)
-    num_classes = int(config.get("model", {}).get("params", {}).get("num_classes", 0) or 0)
+    num_classes = summarize_config(config).num_classes
     if class_cond and num_classes <= 0:
         raise ValueError(f"--class_cond was given but {str(folder)!r} is a text-to-image checkpoint "
                          f"(model.params.num_classes = {num_classes}); drop --class_cond, the config decides the mode")

@@ -78,16 +78,11 @@ class PixelFlowPipeline:
         """Load a pretrained folder: config.yaml + model.pt (flat, or wrapped as {"model"}/{"ema"}) or
         model.safetensors. Text-to-image folders also need a T5 encoder and tokenizer: pass them, or the
         config's text encoder (text_encoder.name, default google/flan-t5-xl) is loaded with transformers."""
-        from .checkpoint import load_pretrained
+        from .checkpoint import load_pretrained, scheduler_from_config, summarize_config
 
         model, config = load_pretrained(folder, device=device)
-        sched_cfg = config.get("scheduler", {})
-        scheduler = PixelFlowScheduler(
-            num_train_timesteps=int(sched_cfg.get("num_train_timesteps", 1000)),
-            num_stages=int(sched_cfg.get("num_stages", 4)),
-            pyramid_shift=bool(sched_cfg.get("pyramid_shift", False)),
-        )
-        resolution = int(config.get("data", {}).get("resolution", 256))
+        scheduler = scheduler_from_config(config)
+        resolution = summarize_config(config).resolution
         max_length = 512
         if model.cross_attention_dim is not None:
             from .text import load_text_encoder, text_encoder_settings

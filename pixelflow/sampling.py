@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, find_weights, load_config, resolve_pretrained
+from .checkpoint import atomic_write, find_weights, load_config, resolve_pretrained, summarize_config
 from .distributed import DistributedContext, all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
 
 SETTINGS_FILE = "sampling_args.json"
@@ -370,10 +370,8 @@ def plan_sampling(opts: SampleOptions) -> SamplingPlan:
     checkpoint = resolve_pretrained(opts.pretrained)
     config = load_config(checkpoint)
     find_weights(checkpoint)
-    params = config.get("model", {}).get("params", {})
-    model_classes = int(params.get("num_classes", 0) or 0)
-    num_stages = int(config.get("scheduler", {}).get("num_stages", 4))
-    resolution = int(config.get("data", {}).get("resolution", 256))
+    summary = summarize_config(config)
+    model_classes, num_stages, resolution = summary.num_classes, summary.num_stages, summary.resolution
 
     steps = [int(s) for s in opts.num_steps_per_stage]
     if len(steps) == 1:

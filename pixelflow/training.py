@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -29,10 +28,9 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .batching import assign_stages, pack_batch, per_image_mse
 from .checkpoint import (atomic_save, atomic_write, build_model, checkpoint_dir, list_checkpoints, load_weights,
-                         read_state_dict, resolve_pretrained)
+                         read_state_dict, resolve_pretrained, scheduler_from_config)
 from .config import to_yaml, validate_train_config
 from .data import ResumableShardSampler, build_dataset, gather_examples, image_grid
-from .scheduler import PixelFlowScheduler
 
 log = logging.getLogger("pixelflow.train")
 TRAINING_STATE = "training_state.pt"
@@ -272,9 +270,7 @@ class Trainer:
         self.dataset = build_dataset(config, seed=self.seed)
         self.sampler = ResumableShardSampler(len(self.dataset), int(config.data.batch_size), self.dist.rank,
                                              self.dist.world_size, seed=self.seed)  # checks the size first
-        self.scheduler = PixelFlowScheduler(int(config.scheduler.num_train_timesteps),
-                                            int(config.scheduler.num_stages),
-                                            pyramid_shift=bool(config.scheduler.pyramid_shift))
+        self.scheduler = scheduler_from_config(config)
         torch.manual_seed(self.seed)  # the same initial weights on every rank
         self.model = build_model(config, device=self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
