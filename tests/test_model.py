@@ -229,3 +229,35 @@ def test_weights_with_an_unexpected_key_are_rejected(tmp_path):
 
     with pytest.raises(ValueError, match=r"unexpected.*transformer_blocks\.2\.norm1\.linear\.weight"):
         load_pretrained(checkpoint_folder(tmp_path, "unexpected", write))
+
+
+def test_packed_attention_uses_flash_attn_varlen_when_eligible(monkeypatch):
+    """With flash-attn installed and CUDA bf16 tensors, packed self-attention goes through its varlen kernel
+    with the layout's cu_seqlens; here a stand-in kernel (exact SDPA per image) checks the call on the CPU."""
+    import torch.nn.functional as F
+    from pixelflow.model import attention
+
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        calls.append((cu_q.tolist(), max_q))
+        out = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
+               for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        return torch.cat(out)
+
+    torch.manual_seed(0)
+    model = PixelFlowModel(num_attention_heads=2, attention_head_dim=8, depth=2, patch_size=2, num_classes=4)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    grids = [4, 2, 2, 1]
+    tokens = torch.randn(sum(g * g for g in grids), 12)
+    args = (tokens, torch.tensor([10.0, 200.0, 500.0, 900.0]))
+    kwargs = dict(class_labels=torch.tensor([0, 1, 2, 4]), grid_sizes=grids)
+    with torch.no_grad():
+        reference = model(*args, **kwargs)
+        monkeypatch.setattr(attention, "_flash_attn_varlen", lambda: fake_varlen)
+        monkeypatch.setattr(attention, "_flash_eligible", lambda q: True)
+        flashed = model(*args, **kwargs)
+    assert calls and calls[0] == ([0, 16, 20, 24, 25], 16)
+    assert len(calls) == 2  # once per block
+    assert (flashed - reference).abs().max() < 1e-5

@@ -278,3 +278,34 @@ def test_tiny_model_learns_class_colours(tmp_path):
     for c in range(3):  # red, green, blue shapes
         assert means[c].argmax() == c, means
     assert means[3, 2] < min(means[3, 0], means[3, 1]), means  # yellow: little blue
+
+
+def test_pretrained_model_flag_starts_from_given_weights(tmp_path):
+    golden = load_config(GOLDEN / "c2i_ckpt" / "config.yaml")
+    params = [f"model.params.{k}={v}" for k, v in golden.model.params.items()]
+    config = tiny_config(*params, "train.max_steps=1", "data.resolution=32")
+    trainer = Trainer(config, TrainOptions(str(tmp_path), pretrained_model=str(GOLDEN / "c2i_ckpt"), progress=False))
+    state = torch.load(GOLDEN / "c2i_ckpt" / "model.pt", weights_only=True)
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, state[name]) and torch.equal(trainer.ema.state_dict()[name], state[name])
+    with pytest.raises(ValueError, match="does not exist"):
+        Trainer(config, TrainOptions(str(tmp_path / "b"), pretrained_model="/no/such/weights.pt"))
+
+
+def test_preprocessings_give_the_resolution_in_range():
+    from pixelflow.data import Preprocess
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    for center_crop in (True, False):
+        x = Preprocess(16, center_crop=center_crop, expand_ratio=1.125)(image, np.random.default_rng(1))
+        assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    flips = {bool((Preprocess(16)(image, np.random.default_rng(s))[:, :, 0] ==
+                   Preprocess(16)(image, np.random.default_rng(0))[:, :, 0]).all()) for s in range(8)}
+    assert flips == {True, False}  # a horizontal flip for some draws, not for others
+
+
+def test_report_to_needs_its_package(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install wandb"):
+        Trainer(tiny_config("train.max_steps=1"), TrainOptions(str(tmp_path), report_to="wandb", progress=False))

@@ -219,10 +219,15 @@ class Attention(nn.Module):
         return self.o_proj(out.flatten(-2))
 
 
+def _flash_eligible(q: torch.Tensor) -> bool:
+    """flash-attn's kernels take CUDA fp16/bf16 tensors only."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def packed_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     """Block-diagonal attention over a packed sequence: q, k, v (L, H, d) -> (L, H, d)."""
     flash = _flash_attn_varlen() if _backend in ("auto", "flash_attn") else None
-    if flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if flash is not None and _flash_eligible(q):
         return flash(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen)
     if _backend == "flash_attn":
         raise ValueError(f"flash-attn needs CUDA fp16/bf16 tensors, got {q.device} {q.dtype}")
