@@ -80,6 +80,10 @@ class EpochDataset(Dataset):
     """A dataset whose items take (index, epoch): the loader passes (index, epoch) pairs."""
 
     seed: int = 0
+    samples: list = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
@@ -87,6 +91,15 @@ class EpochDataset(Dataset):
 
     def get(self, index: int, rng: np.random.Generator):
         raise NotImplementedError
+
+    def read_image(self, path: str, rng: np.random.Generator, **fields) -> dict:
+        """{"image": preprocessed image, **fields}, or {"skipped": reason} for a file that will not decode:
+        a corrupt file must not stop a multi-day run."""
+        try:
+            with Image.open(path) as image:
+                return {"image": self.preprocess(image, rng), **fields}
+        except Exception as e:
+            return {"skipped": f"{path}: {type(e).__name__}: {e}"}
 
 
 class ImageFolderDataset(EpochDataset):
@@ -108,16 +121,9 @@ class ImageFolderDataset(EpochDataset):
                              f"{IMAGE_EXTENSIONS}")
         self.preprocess, self.seed = preprocess, seed
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def get(self, index, rng):
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                return {"image": self.preprocess(image, rng), "label": label}
-        except Exception as e:  # a corrupt file must not stop a multi-day run
-            return {"skipped": f"{path}: {type(e).__name__}: {e}"}
+        return self.read_image(path, rng, label=label)
 
 
 class CaptionDataset(EpochDataset):
@@ -152,16 +158,9 @@ class CaptionDataset(EpochDataset):
             raise ValueError(f"captions file {str(path)!r} has no rows")
         self.preprocess, self.seed = preprocess, seed
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def get(self, index, rng):
         path, caption = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                return {"image": self.preprocess(image, rng), "caption": caption, "index": index}
-        except Exception as e:
-            return {"skipped": f"{path}: {type(e).__name__}: {e}"}
+        return self.read_image(path, rng, caption=caption, index=index)
 
 
 SYNTHETIC_COLOURS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 200, 40),
