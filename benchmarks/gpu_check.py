@@ -4,12 +4,14 @@
     python benchmarks/gpu_check.py --tiny --no-omegaconf                             # CPU dry run, 1-2 minutes
 
 Sections, each under its own header, each skipped when the time left is short and never stopping the run
-when it fails: environment; bf16 matmul peak; self-attention kernels at every stage's shape; the golden tiny
-model on the device (plain and fast, fp32 and bf16, against the release's numbers); XL with random weights:
-fast path at batch 16 (compile time, whole run, per-stage forwards), host syncs in the loop, the plain path at
-batch 16 (whole run, per-stage forwards, same noise: image difference), forward numerics per stage (fast bf16
-and plain bf16 against plain fp32), a kernel profile of the 256 px forward, batch 64, a short fp32 reference
-run; finally a summary against the issue's targets. Needs no omegaconf (the golden checkpoints are read with
+when it fails: environment; bf16 matmul peak; self-attention kernels at every stage's shape (unpadded and
+at padded head sizes); the block's matrix products at 256 px and the GELU epilogue; the golden tiny model on
+the device (plain and fast, fp32 and bf16, against the release's numbers); XL with random weights: fast path
+at batch 16 (compile time, whole run, per-stage forwards), host syncs in the loop, a kernel profile of the
+256 px forward, the 256 px forward under other fast-path switches (and a whole run with the fastest if it is
+not the default), the plain path at batch 16 (whole run, per-stage forwards, same noise: image difference),
+forward numerics per stage (fast bf16 and plain bf16 against plain fp32), a short fp32 reference run, batch 64;
+finally a summary against the issue's targets. Needs no omegaconf (the golden checkpoints are read with
 PyYAML when omegaconf is missing). --out DIR also writes gpu_check.json there.
 """
 
@@ -134,6 +136,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_call(fn, device: torch.device, reps: int = 3, warmup: int = 1) -> float:
+    """Median seconds of fn(): CUDA events on the GPU, the wall clock elsewhere."""
+    if device.type == "cuda":
+        from pixelflow import fast
+        return fast._time_cuda(fn, reps=reps, warmup=warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 # ---------------------------------------------------------------------------------------------- sections
 def environment(check: Check, device: torch.device) -> None:
     from torch.nn.attention import SDPBackend
@@ -172,27 +189,125 @@ def matmul_peak(check: Check, device: torch.device, tiny: bool) -> None:
 
 
 def attention_kernels(check: Check, device: torch.device, model, batch: int, resolution: int) -> None:
+    """Every exact kernel at every stage's shape, unpadded and at each head size the fast path may pad to."""
     from pixelflow import fast
     rows = []
+    pads = fast.head_sizes(model.attention_head_dim, "auto")
     for stage in range(4):
         side = (resolution >> (3 - stage)) // model.patch_size
         b = batch if stage == 0 else 2 * batch
         seq = side * side
         results = fast.measure_attention(b, seq, model.num_attention_heads, model.attention_head_dim,
-                                         torch.bfloat16, device)
-        flops = 4 * b * seq * seq * model.num_attention_heads * model.attention_head_dim
-        for kernel, r in results.items():
+                                         torch.bfloat16, device, pads=pads)
+        flops = 4 * b * seq * seq * model.num_attention_heads * model.attention_head_dim  # unpadded: useful work
+        for label, r in results.items():
             tflops = flops / r["seconds"] / 1e12 if r["seconds"] else None
-            rows.append(dict(stage=stage, batch=b, seq=seq, kernel=kernel, **r, tflops=tflops))
-    print("| stage | batch | tokens | kernel | ms | TFLOP/s | max err vs fp32 | error |")
+            rows.append(dict(stage=stage, batch=b, seq=seq, label=label, **r, tflops=tflops))
+    print("| stage | batch | tokens | kernel@head size | ms | useful TFLOP/s | max err vs fp32 | error |")
     print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
     for r in rows:
         ms = f"{1e3 * r['seconds']:.3f}" if r["seconds"] else "-"
         tf = f"{r['tflops']:.0f}" if r["tflops"] else "-"
         err = f"{r['max_err']:.2e}" if r["max_err"] is not None else "-"
-        print(f"| {r['stage']} | {r['batch']} | {r['seq']} | {r['kernel']} | {ms} | {tf} | {err} | "
+        print(f"| {r['stage']} | {r['batch']} | {r['seq']} | {r['label']} | {ms} | {tf} | {err} | "
               f"{r['error'] or ''} |")
+    for stage in range(4):
+        timed = [r for r in rows if r["stage"] == stage and r["seconds"]]
+        if timed:
+            best = min(timed, key=lambda r: r["seconds"])
+            print(f"stage {stage}: fastest exact {best['label']} ({1e3 * best['seconds']:.3f} ms)")
     check.results["attention_kernels"] = rows
+
+
+def block_gemms(check: Check, device: torch.device, model, rows: int, resolution: int) -> None:
+    """The block's matrix products at the 256 px shape (bf16, with bias), and fc1 + GELU fused and unfused."""
+    import torch.nn.functional as F
+    from pixelflow import fast
+    D = model.hidden_size
+    inner = model.num_attention_heads * model.attention_head_dim
+    tokens = rows * (resolution // model.patch_size) ** 2
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for dt in (torch.bfloat16, torch.float32):
+        print(f"GEMM GELU epilogue on {device} is the tanh GELU ({dt}): {fast.gelu_epilogue_is_tanh(device, dt)}")
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, D, device=device, dtype=dtype, generator=gen)
+    shapes = {"qkv": (D, 3 * inner), "o": (inner, D), "fc1": (D, 4 * D), "fc2": (4 * D, D)}
+    results = []
+    print("| product | tokens x in -> out | ms | TFLOP/s |\n| --- | --- | ---: | ---: |")
+    for name, (k, n) in shapes.items():
+        a = x if k == D else torch.randn(tokens, k, device=device, dtype=dtype, generator=gen)
+        w = torch.randn(n, k, device=device, dtype=dtype, generator=gen) * k ** -0.5
+        b = torch.randn(n, device=device, dtype=dtype, generator=gen)
+        calls = {name: lambda: F.linear(a, w, b)}
+        if name == "fc1":
+            calls["fc1 + GELU, two kernels"] = lambda: F.gelu(F.linear(a, w, b), approximate="tanh")
+            calls["fc1 + GELU, epilogue"] = lambda: fast.linear_gelu_tanh(a, w, b)
+        for label, call in calls.items():
+            seconds = time_call(call, device, reps=10, warmup=3)
+            tflops = 2 * tokens * k * n / seconds / 1e12
+            results.append(dict(product=label, tokens=tokens, k=k, n=n, seconds=seconds, tflops=tflops))
+            print(f"| {label} | {tokens} x {k} -> {n} | {1e3 * seconds:.3f} | {tflops:.0f} |")
+        if name == "fc1":
+            err = max_abs(fast.linear_gelu_tanh(a, w, b), F.gelu(F.linear(a, w, b), approximate="tanh"))
+            print(f"fc1 + GELU epilogue vs two kernels: max abs {err:.3e}")
+            check.results["gelu_epilogue_max_abs"] = err
+    per_block = sum(r["seconds"] for r in results if r["product"] in shapes)
+    print(f"the four products of one block: {1e3 * per_block:.2f} ms; x {len(model.transformer_blocks)} blocks = "
+          f"{1e3 * per_block * len(model.transformer_blocks):.1f} ms per forward")
+    check.results["block_gemms"] = results
+
+
+def forward_variants(check: Check, pipe, batch: int, resolution: int, guidance: float,
+                     variants: list[tuple[str, dict, float]]) -> dict | None:
+    """The 256 px forward under other fast-path switches, each a fresh FastDenoiser: compile time, median
+    time, TFLOP/s, and its distance from the default's output. Returns the fastest variant's switches."""
+    import bench_sampling as bench
+    from pixelflow import fast
+    from pixelflow.pipeline import stage_guidance_weights
+    device, model = pipe.device, pipe.model
+    rows = bench.stage_batches(batch, stage_guidance_weights(guidance, 4, True))[3]
+    gen = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(rows, 3, resolution, resolution, generator=gen, device=device)
+    t = torch.full((rows,), 500.0, device=device)
+    labels = torch.randint(0, model.num_classes, (rows,), generator=gen, device=device)
+    flops = bench.forward_flops(model, rows, resolution, resolution)
+    print("| variant | compile s | ms/forward | TFLOP/s | attention | max abs vs default |")
+    print("| --- | ---: | ---: | ---: | --- | ---: |")
+    reference, timed = None, {}
+    for name, switches, need in variants:
+        if check.left() < need:
+            print(f"| {name} | skipped: {check.left():.0f} s left, needs ~{need:.0f} s | | | | |")
+            continue
+        try:
+            dtype = torch.bfloat16 if device.type == "cuda" else None
+            options = fast.FastOptions(precision="bf16" if dtype else "fp32", **switches).resolve(device)
+            den = fast.FastDenoiser(model, options, autocast_dtype=dtype)
+            call = lambda: den(x, t, class_labels=labels)  # noqa: E731
+            t0 = time.perf_counter()
+            out = call()
+            sync(device)
+            compile_s = time.perf_counter() - t0
+            seconds = time_call(call, device, reps=3, warmup=1)
+            if reference is None:
+                reference = out
+            diff = max_abs(out, reference)
+            kernel = ", ".join(sorted(set(den.attention_choice.values())))
+            timed[name] = (seconds, switches)
+            print(f"| {name} | {compile_s:.1f} | {1e3 * seconds:.1f} | {flops / seconds / 1e12:.1f} | {kernel} | "
+                  f"{diff:.3e} |", flush=True)
+            check.results.setdefault("forward_variants", []).append(
+                dict(name=name, switches=switches, compile_s=compile_s, seconds=seconds,
+                     tflops=flops / seconds / 1e12, attention=kernel, max_abs_vs_default=diff))
+            den = out = None  # frees this variant's weights before the next is built
+        except Exception as e:  # one variant failing says something, but must not end the others
+            print(f"| {name} | FAILED: {type(e).__name__}: {str(e)[:200]} | | | | |", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if not timed:
+        return None
+    best = min(timed, key=lambda k: timed[k][0])
+    print(f"fastest 256 px forward: {best}")
+    return timed[best][1]
 
 
 def golden_checks(check: Check, device: torch.device, fast_switches: dict) -> None:
@@ -395,6 +510,9 @@ def main(argv=None) -> None:
                 attention_kernels(check, device, model, b0, resolution)
             else:
                 print("CUDA only: skipped on the CPU")
+    with check.section("block matrix products at the 256 px shape, GELU epilogue", 10) as ok:
+        if ok:
+            block_gemms(check, device, model, 2 * b0, resolution)
     with check.section("golden tiny model on this device (release numbers)", 40) as ok:
         if ok:
             golden_checks(check, device, fast_switches)
@@ -439,6 +557,42 @@ def main(argv=None) -> None:
             else:
                 print("CUDA only: skipped on the CPU")
 
+    with check.section(f"kernel profile of one fast {resolution} px forward", 15) as ok:
+        if ok:
+            profile_forward(check, pipe, b0, resolution, guidance)
+
+    # Other switch settings on the largest forward; the fastest, if not the default, gets a whole run.
+    autotune = "max-autotune-no-cudagraphs"
+    variants = [("default (all auto)", {}, 20), ("fused_gelu=False", dict(fused_gelu=False), 20),
+                ("head_pad=0", dict(head_pad=0), 20),
+                ("fused_gelu=False head_pad=0 (stop 8's path)", dict(fused_gelu=False, head_pad=0), 20),
+                (f"compile_mode={autotune}", dict(compile_mode=autotune), 240 if cuda else 10),
+                (f"compile_mode={autotune} fused_gelu=False", dict(compile_mode=autotune, fused_gelu=False),
+                 240 if cuda else 10)]
+    variants = [(name, {**fast_switches, **switches}, need) for name, switches, need in variants]
+    best_switches = None
+    with check.section(f"fast-path variants: one {resolution} px forward each", 40) as ok:
+        if ok:
+            best_switches = forward_variants(check, pipe, b0, resolution, guidance, variants)
+    pipe.denoiser, pipe.autocast_dtype = fast_denoiser, fast_dtype
+    if best_switches is not None and best_switches != fast_switches:
+        with check.section(f"fastest variant, batch {b0}: compile + whole run, 4 x {steps} steps",
+                           (runs[0].seconds if runs else 40) + 60) as ok:
+            if ok:
+                fast.accelerate(pipe, **best_switches)
+                compile_s = bench.warm_up(pipe, inputs, resolution, guidance)
+                print(f"switches {best_switches}: compile + warm-up {compile_s:.1f} s")
+                run = bench.time_sampling(pipe, "fast (fastest variant)", inputs, resolution, [steps] * 4, guidance)
+                runs.append(run)
+                print(bench.runs_table([run], peak))
+                rows = bench.time_forwards(pipe, "fast (fastest variant)", b0, resolution, guidance, reps=3)
+                forwards += rows
+                print(bench.forwards_table(rows, peak))
+                if info.get("fast_images") is not None:
+                    diff = bench.image_difference(run.images.float(), info["fast_images"].float())
+                    print("fastest variant vs default images: " + ", ".join(f"{k} {v:.4g}" for k, v in diff.items()))
+        pipe.denoiser, pipe.autocast_dtype = fast_denoiser, fast_dtype
+
     # The plain path: the model itself under bf16 autocast (fp32 on the CPU).
     plain_steps = steps
     with check.section(f"plain path, batch {b0}: one forward per stage", 15) as ok:
@@ -476,9 +630,6 @@ def main(argv=None) -> None:
     with check.section("forward numerics per stage: bf16 fast and plain vs fp32", 20) as ok:
         if ok:
             forward_numerics(check, pipe, fast_denoiser, b0, resolution, guidance)
-    with check.section(f"kernel profile of one fast {resolution} px forward", 15) as ok:
-        if ok:
-            profile_forward(check, pipe, b0, resolution, guidance)
 
     with check.section(f"short whole-run reference: plain fp32 vs plain bf16 vs fast bf16 (batch {b0}, 4 x 2 steps)",
                        60 if cuda else 5) as ok:
@@ -522,12 +673,13 @@ def main(argv=None) -> None:
     print("\n## Whole sampling runs\n" + bench.runs_table(runs, peak))
     print("\n## One forward per stage\n" + bench.forwards_table(forwards, peak))
     summary = {}
-    fast_run = next((r for r in runs if r.path == "fast" and r.batch == b0), None)
+    fast_runs = [r for r in runs if r.path.startswith("fast") and r.batch == b0]
+    fast_run = min(fast_runs, key=lambda r: r.seconds_per_image) if fast_runs else None
     plain_run = next((r for r in runs if r.path == "plain"), None)
     if fast_run:
         summary["fast_s_per_image"] = fast_run.seconds_per_image
         verdict = "PASS" if fast_run.seconds_per_image <= TARGET_SECONDS_PER_IMAGE else "MISS"
-        print(f"\nfast path, batch {b0}: {fast_run.seconds_per_image:.3f} s/image "
+        print(f"\n{fast_run.path}, batch {b0}: {fast_run.seconds_per_image:.3f} s/image "
               f"(target <= {TARGET_SECONDS_PER_IMAGE}): {verdict if not tiny else 'n/a (tiny)'}")
     if fast_run and plain_run:
         per_step = lambda r: r.seconds_per_image / sum(r.steps)  # noqa: E731
@@ -536,12 +688,13 @@ def main(argv=None) -> None:
         note = f" (scaled from {sum(plain_run.steps)})" if plain_run.steps != fast_run.steps else ""
         print(f"plain path, batch {b0}: {scaled:.3f} s/image at {sum(fast_run.steps)} steps{note}; "
               f"speed-up {summary['speedup_vs_plain']:.2f}x")
-    top = [r for r in forwards if r.path == "fast" and r.stage == 3 and r.rows == 2 * b0]
+    top = sorted((r for r in forwards if r.path.startswith("fast") and r.stage == 3 and r.rows == 2 * b0),
+                 key=lambda r: r.seconds)
     if top:
         tflops = top[0].flops / top[0].seconds / 1e12
         summary["stage3_forward_tflops"] = tflops
         verdict = "PASS" if tflops > TARGET_FORWARD_TFLOPS else "MISS"
-        print(f"fast 256 px forward ({top[0].rows} rows): {tflops:.0f} TFLOP/s "
+        print(f"{top[0].path} 256 px forward ({top[0].rows} rows): {tflops:.0f} TFLOP/s "
               f"(target > {TARGET_FORWARD_TFLOPS:.0f}): {verdict if not tiny else 'n/a (tiny)'}")
     if "fast_vs_plain_images" in check.results:
         d = check.results["fast_vs_plain_images"]

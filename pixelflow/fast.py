@@ -18,6 +18,13 @@ Switches (FastOptions; "auto" resolves per device: everything on for CUDA, nothi
   attention    self-attention kernel: "auto" measures PyTorch's exact fused kernels (cuDNN, flash,
                memory-efficient) and flash-attn when installed once per shape and keeps the fastest whose output
                matches a float32 reference.
+  head_pad     run attention at a larger head size: q, k, v get zero channels (which add exactly nothing to
+               q.k), the softmax scale stays 1/sqrt(head_dim), and o_proj reads the padded output through
+               zero weight columns. Kernels are tuned for some head sizes (64, 128) more than for XL's 72;
+               "auto" lets the attention measurement try head_dim rounded up to 16, 32 and 128 as well.
+  fused_gelu   MLP fc1 + bias + tanh-GELU as one cuBLASLt GEMM with a GELU epilogue (CUDA): the 4D-wide
+               hidden activation is written once instead of written, read and written again. Used only
+               after a check on the device that the epilogue is the tanh GELU the model uses.
   cuda_graphs  capture whole forwards as CUDA graphs, replayed per call: removes launch overhead where the
                work per launch is small (the coarse stages). "auto": forwards of at most graph_max_tokens tokens.
 
@@ -59,6 +66,8 @@ class FastOptions:
     compile_mode: str | None = None    # e.g. "max-autotune-no-cudagraphs": slower to compile, fuses GEMM epilogues
     compile_dynamic: bool = False      # one compile for every batch size and stage (the demo's varying batches)
     attention: str = "auto"            # one of ATTENTION_KERNELS
+    head_pad: int | str = "auto"       # 0: no padding; n: attend at head size n (>= head_dim); "auto": measured
+    fused_gelu: bool | str = "auto"
     cuda_graphs: bool | str = "auto"   # True: every shape; "auto": forwards of at most graph_max_tokens tokens
     graph_max_tokens: int = 16384
 
@@ -73,6 +82,7 @@ class FastOptions:
             merge_qkv=auto(self.merge_qkv, cuda),
             merge_adaln=auto(self.merge_adaln, cuda),
             compile=auto(self.compile, cuda),
+            fused_gelu=auto(self.fused_gelu, cuda),
             attention=auto(self.attention, "auto" if cuda else "default"),
             cuda_graphs=self.cuda_graphs if cuda else (False if self.cuda_graphs == "auto" else self.cuda_graphs),
         )
@@ -85,6 +95,8 @@ class FastOptions:
                                  "use 'default' or 'math'")
             if resolved.attention == "auto":
                 resolved = replace(resolved, attention="default")
+        if resolved.head_pad == "auto" and resolved.attention != "auto":
+            resolved = replace(resolved, head_pad=0)  # only a measured choice pads by itself
         if resolved.attention == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
             raise ValueError("attention='flash_attn' asked for, but flash-attn is not installed "
                              "(pip install flash-attn, or use attention='auto')")
@@ -94,7 +106,7 @@ class FastOptions:
         if self.precision not in ("auto", "keep", *PRECISIONS):
             raise ValueError(f"precision must be one of 'auto', 'keep', {', '.join(map(repr, PRECISIONS))}; "
                              f"got {self.precision!r}")
-        for name in ("merge_qkv", "merge_adaln", "compile"):
+        for name in ("merge_qkv", "merge_adaln", "compile", "fused_gelu"):
             value = getattr(self, name)
             if value not in (True, False, "auto"):
                 raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
@@ -104,14 +116,17 @@ class FastOptions:
             raise ValueError(f"cuda_graphs must be True, False or 'auto', got {self.cuda_graphs!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
+        if self.head_pad != "auto" and (isinstance(self.head_pad, bool) or not isinstance(self.head_pad, int)
+                                        or self.head_pad < 0 or self.head_pad % 8 or self.head_pad > 256):
+            raise ValueError(f"head_pad must be 'auto', 0 or a multiple of 8 up to 256, got {self.head_pad!r}")
         if not isinstance(self.graph_max_tokens, int) or self.graph_max_tokens < 0:
             raise ValueError(f"graph_max_tokens must be an int >= 0, got {self.graph_max_tokens!r}")
 
     @property
     def is_plain(self) -> bool:
         """True when a resolved set of options changes nothing but the precision."""
-        return not (self.merge_qkv or self.merge_adaln or self.compile or self.cuda_graphs) \
-            and self.attention == "default"
+        return not (self.merge_qkv or self.merge_adaln or self.compile or self.cuda_graphs or self.fused_gelu
+                    or self.head_pad) and self.attention == "default"
 
 
 def accelerate(pipe, options: FastOptions | None = None, **switches: Any):
@@ -150,32 +165,45 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+            mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """q (B, Lq, H, d), k/v (B, Lk, H, d) -> (B, Lq, H, d). kernel "flash_attn" calls flash-attn; any other
-    goes through scaled_dot_product_attention (the SDPA backend is chosen around the call)."""
+    goes through scaled_dot_product_attention (the SDPA backend is chosen around the call). scale: the softmax
+    scale, 1/sqrt(d) when None."""
     if kernel == "flash_attn" and mask is None:
         from flash_attn import flash_attn_func
-        return flash_attn_func(q, k, v)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return flash_attn_func(q, k, v, softmax_scale=scale)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         scale=scale)
     return out.transpose(1, 2)
 
 
+def pad_heads(t: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., H, d) -> (..., H, size): zero channels after each head's d."""
+    return F.pad(t, (0, size - t.shape[-1]))
+
+
 def _self_attention(h: torch.Tensor, rope: torch.Tensor, w: dict, spec: tuple) -> torch.Tensor:
-    heads, head_dim, eps, kernel = spec
+    heads, head_dim, eps, kernel, pad, _ = spec
     if "qkv_w" in w:
         q, k, v = F.linear(h, w["qkv_w"], w["qkv_b"]).chunk(3, dim=-1)
     else:
         q, k, v = F.linear(h, w["q_w"], w["q_b"]), F.linear(h, w["k_w"], w["k_b"]), F.linear(h, w["v_w"], w["v_b"])
     q = apply_rope(_rms(q, w["q_norm"], eps).unflatten(-1, (heads, head_dim)), rope)
     k = apply_rope(_rms(k, w["k_norm"], eps).unflatten(-1, (heads, head_dim)), rope)
-    out = _attend(q, k, v.unflatten(-1, (heads, head_dim)), kernel)
-    return F.linear(out.flatten(-2), w["o_w"], w["o_b"])
+    v = v.unflatten(-1, (heads, head_dim))
+    if not pad:
+        return F.linear(_attend(q, k, v, kernel).flatten(-2), w["o_w"], w["o_b"])
+    # Padded heads: zero channels add nothing to q.k and come out of attention as zeros, which the zero
+    # columns of the padded o_proj weight ignore (the weight pad is a few MB, the activations' GBs).
+    out = _attend(pad_heads(q, pad), pad_heads(k, pad), pad_heads(v, pad), kernel, scale=head_dim ** -0.5)
+    o_w = pad_heads(w["o_w"].unflatten(-1, (heads, head_dim)), pad).flatten(-2)
+    return F.linear(out.flatten(-2), o_w, w["o_b"])
 
 
 def _cross_attention(h: torch.Tensor, rope: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
                      w: dict, spec: tuple) -> torch.Tensor:
     """Queries from the image (rotated), keys and values from the text (not rotated), as the release."""
-    heads, head_dim, eps, _ = spec
+    heads, head_dim, eps = spec[:3]
     q = F.linear(h, w["xq_w"], w["xq_b"])
     if "xkv_w" in w:
         k, v = F.linear(context, w["xkv_w"], w["xkv_b"]).chunk(2, dim=-1)
@@ -187,13 +215,22 @@ def _cross_attention(h: torch.Tensor, rope: torch.Tensor, context: torch.Tensor,
     return F.linear(out.flatten(-2), w["xo_w"], w["xo_b"])
 
 
+def _mlp(h: torch.Tensor, w: dict, fused_gelu: bool) -> torch.Tensor:
+    if fused_gelu and w["fc1_b"] is not None:
+        hidden = linear_gelu_tanh(h, w["fc1_w"], w["fc1_b"])
+    else:
+        hidden = F.gelu(F.linear(h, w["fc1_w"], w["fc1_b"]), approximate="tanh")
+    return F.linear(hidden, w["fc2_w"], w["fc2_b"])
+
+
 def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dict, spec: tuple,
                   context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One PixelFlowBlock (pixelflow/model/pixelflow_model.py) on dense tokens, the same operations in the same
     order, from a dict of (possibly merged) weights. Compiled as one region and reused by every block.
 
     x: (B, N, D); mod: (B, 6, D) float32 adaLN outputs (shift1, scale1, gate1, shift2, scale2, gate2);
-    rope: (N, head_dim, 2) float32; spec: (heads, head_dim, rms eps, attention kernel).
+    rope: (N, head_dim, 2) float32; spec: (heads, head_dim, rms eps, attention kernel, attention head size or 0,
+    fused_gelu).
     """
     shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
     h = F.layer_norm(x, (x.shape[-1],), eps=LAYER_NORM_EPS)
@@ -202,8 +239,60 @@ def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dic
     if context is not None:
         x = x + _cross_attention(_rms(x, w["norm2"], spec[2]), rope, context, context_mask, w, spec)
     h = torch.addcmul(shift2[:, None], _rms(x, w["norm3"], spec[2]), 1 + scale2[:, None]).to(x.dtype)
-    h = F.linear(F.gelu(F.linear(h, w["fc1_w"], w["fc1_b"]), approximate="tanh"), w["fc2_w"], w["fc2_b"])
+    h = _mlp(h, w, spec[5])
     return x + (h * gate2[:, None]).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- fused GELU
+@torch.library.custom_op("pixelflow::linear_gelu_tanh", mutates_args=())
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x @ weight.T + bias) for x (..., K). On CUDA, once `gelu_epilogue_is_tanh` has passed for the
+    device and dtype, one GEMM with a bias + GELU epilogue; otherwise the two steps. An opaque operator, so
+    that torch.compile keeps the epilogue instead of splitting the GEMM from the GELU."""
+    flat = x.reshape(-1, x.shape[-1])
+    if x.is_cuda and _EPILOGUE_IS_TANH.get((x.device, x.dtype)) and flat.shape[0] > 1:
+        out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
+    else:
+        out = F.gelu(F.linear(flat, weight, bias), approximate="tanh")
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@linear_gelu_tanh.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+_EPILOGUE_IS_TANH: dict[tuple, bool] = {}
+# GELU at points where the tanh form and the erf form differ by ~10 % (x <= -2.5): one bf16 ulp is 0.4 %.
+_GELU_PROBES = (-4.0, -3.5, -3.0, -2.5, -1.0, -0.5, 0.0, 0.5, 1.0, 2.5)
+
+
+def gelu_epilogue_is_tanh(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether torch._addmm_activation(use_gelu=True) computes the tanh GELU on `device` in `dtype`.
+
+    cuBLASLt's GELU epilogue is the tanh approximation the model uses, but PyTorch's CPU kernel applies the
+    erf GELU, and a library may differ: the fused path is used only where this check passed. Cached; syncs.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, dtype)
+    if key not in _EPILOGUE_IS_TANH:
+        probes = torch.tensor(_GELU_PROBES, dtype=dtype, device=device)
+        n = probes.numel()
+        # Pre-activations equal to the probes exactly: x = 1 (M x 8), weight = 0, bias = probes.
+        x = torch.ones(64, 8, dtype=dtype, device=device)
+        w = torch.zeros(n, 8, dtype=dtype, device=device)
+        try:
+            with torch.autocast(device.type, enabled=False):
+                out = torch._addmm_activation(probes, x, w.t(), use_gelu=True).float()
+        except RuntimeError:  # no such kernel for this device or dtype: the unfused path it is
+            _EPILOGUE_IS_TANH[key] = False
+            return False
+        ref = F.gelu(probes.float(), approximate="tanh")
+        tol = 1e-2 * ref.abs() + 1e-6
+        _EPILOGUE_IS_TANH[key] = bool(((out - ref).abs() <= tol).all())
+    return _EPILOGUE_IS_TANH[key]
 
 
 # ---------------------------------------------------------------------------------------------- attention choice
@@ -245,12 +334,29 @@ def _time_cuda(fn, reps: int = 5, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2] / 1e3
 
 
-def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype,
-                      device: torch.device | str, kernels: tuple[str, ...] | None = None) -> dict[str, dict]:
-    """Time each exact self-attention kernel on random (batch, seq, heads, head_dim) inputs (CUDA).
+def head_sizes(head_dim: int, head_pad: int | str) -> tuple[int, ...]:
+    """Head sizes to run attention at (0: as is): head_pad "auto" tries head_dim rounded up to a multiple of
+    16 and 32, and 128 (what kernels are most tuned for) when larger; an int is that size alone."""
+    if head_pad != "auto":
+        if head_pad and head_pad < head_dim:
+            raise ValueError(f"head_pad {head_pad} is smaller than the model's attention_head_dim {head_dim}")
+        return (0,) if head_pad in (0, head_dim) else (head_pad,)
+    sizes = [0] + [-(-head_dim // m) * m for m in (16, 32)] + ([128] if head_dim < 128 else [])
+    return tuple(dict.fromkeys(s for s in sizes if s != head_dim))
 
-    Returns {kernel: {"seconds": median time or None, "max_err": vs a float32 reference on the first image,
-    "error": why it could not run}}.
+
+def attention_label(kernel: str, pad: int) -> str:
+    return f"{kernel}@{pad}" if pad else kernel
+
+
+def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype,
+                      device: torch.device | str, kernels: tuple[str, ...] | None = None,
+                      pads: tuple[int, ...] = (0,)) -> dict[str, dict]:
+    """Time each exact self-attention kernel on random (batch, seq, heads, head_dim) inputs (CUDA), at each
+    head size in `pads` (0: unpadded).
+
+    Returns {label: {"kernel", "pad", "seconds": median time or None, "max_err": vs a float32 reference on the
+    first image, "error": why it could not run}}; label is attention_label(kernel, pad).
     """
     if kernels is None:
         kernels = ("cudnn", "flash", "efficient") + (("flash_attn",) if importlib.util.find_spec("flash_attn") else ())
@@ -260,24 +366,35 @@ def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: to
     with no_autocast, sdpa_context("math", strict=True):
         ref = _attend(q[:1].float(), k[:1].float(), v[:1].float(), "sdpa")
     results = {}
-    for kernel in kernels:
-        try:
-            with no_autocast, sdpa_context(kernel, strict=True):
-                out = _attend(q, k, v, kernel)
-                err = (out[:1].float() - ref).abs().max().item()
-                seconds = _time_cuda(lambda: _attend(q, k, v, kernel)) if err <= ATTENTION_CHECK_ATOL else None
-            results[kernel] = {"seconds": seconds, "max_err": err, "error": None if seconds else "inexact"}
-        except Exception as e:  # a kernel that cannot take this shape/dtype/device is not a candidate
-            results[kernel] = {"seconds": None, "max_err": None, "error": f"{type(e).__name__}: {str(e)[:120]}"}
+    for pad in pads:
+        qp, kp, vp = (pad_heads(t, pad) for t in (q, k, v)) if pad else (q, k, v)
+        scale = head_dim ** -0.5 if pad else None
+        for kernel in kernels:
+            label = attention_label(kernel, pad)
+            call = lambda: _attend(qp, kp, vp, kernel, scale=scale)  # noqa: E731
+            try:
+                with no_autocast, sdpa_context(kernel, strict=True):
+                    out = call()[..., :head_dim]
+                    err = (out[:1].float() - ref).abs().max().item()
+                    seconds = _time_cuda(call) if err <= ATTENTION_CHECK_ATOL else None
+                results[label] = {"kernel": kernel, "pad": pad, "seconds": seconds, "max_err": err,
+                                  "error": None if seconds else "inexact"}
+            except Exception as e:  # a kernel that cannot take this shape/dtype/device is not a candidate
+                results[label] = {"kernel": kernel, "pad": pad, "seconds": None, "max_err": None,
+                                  "error": f"{type(e).__name__}: {str(e)[:120]}"}
     return results
 
 
 def pick_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype,
-                   device: torch.device | str) -> str:
-    """The fastest exact self-attention kernel for this shape ("default" if none could be timed)."""
-    results = measure_attention(batch, seq, heads, head_dim, dtype, device)
+                   device: torch.device | str, pads: tuple[int, ...] = (0,)) -> tuple[str, int]:
+    """The fastest exact self-attention (kernel, head size or 0) for this shape (("default", 0) if none could
+    be timed)."""
+    results = measure_attention(batch, seq, heads, head_dim, dtype, device, pads=pads)
     timed = {k: r["seconds"] for k, r in results.items() if r["seconds"]}
-    return min(timed, key=timed.get) if timed else "default"
+    if not timed:
+        return "default", 0
+    best = results[min(timed, key=timed.get)]
+    return best["kernel"], best["pad"]
 
 
 # ---------------------------------------------------------------------------------------------- the denoiser
@@ -301,7 +418,14 @@ class FastDenoiser:
         if options.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA model, got {self.device}")
         self.graph_max_tokens = {True: math.inf, "auto": options.graph_max_tokens, False: 0}[options.cuda_graphs]
-        self.attention_choice: dict[tuple, str] = {}  # (batch, tokens) -> kernel, for reports
+        self.attention_choice: dict[tuple, str] = {}  # (batch, tokens) -> attention_label, for reports
+        self._attention: dict[tuple, tuple[str, int]] = {}
+        self.head_sizes = head_sizes(model.attention_head_dim, options.head_pad)
+        self.fused_gelu = bool(options.fused_gelu)
+        if self.fused_gelu and self.device.type == "cuda" and not gelu_epilogue_is_tanh(self.device,
+                                                                                       self.weight_dtype):
+            warnings.warn(f"the GEMM GELU epilogue on {self.device} ({self.weight_dtype}) is not the tanh GELU "
+                          "the model uses: fused_gelu runs the GEMM and the GELU separately")
         self._weights: dict | None = None
         self._version: int | None = None
         self._graphs: dict[tuple, Any] = {}
@@ -398,7 +522,7 @@ class FastDenoiser:
             class_labels = torch.as_tensor(class_labels, device=x.device)
         inputs = (x, timestep, class_labels, encoder_hidden_states, encoder_attention_mask)
         tokens = b * (x.shape[2] // m.patch_size) * (x.shape[3] // m.patch_size)
-        kernel = self._attention_kernel(b, tokens // b)  # measured once per shape, outside autocast
+        kernel, _ = self._attention_kernel(b, tokens // b)  # measured once per shape, outside autocast
         with self._precision(), sdpa_context(kernel):
             if tokens <= self.graph_max_tokens:
                 return self._replay(inputs)
@@ -410,16 +534,18 @@ class FastDenoiser:
         # No weight-cast cache: it would outlive a captured graph; the matmul weights are cast already.
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
-    def _attention_kernel(self, batch: int, seq: int) -> str:
-        kernel = self.options.attention
-        if kernel != "auto":
-            return kernel
+    def _attention_kernel(self, batch: int, seq: int) -> tuple[str, int]:
+        """(kernel, head size or 0) for self-attention over `batch` images of `seq` tokens."""
         key = (batch, seq)
-        if key not in self.attention_choice:
-            m = self.model
-            self.attention_choice[key] = pick_attention(batch, seq, m.num_attention_heads, m.attention_head_dim,
-                                                        self.weight_dtype, self.device)
-        return self.attention_choice[key]
+        if key not in self._attention:
+            kernel, pad = self.options.attention, self.head_sizes[0]
+            if kernel == "auto":
+                m = self.model
+                kernel, pad = pick_attention(batch, seq, m.num_attention_heads, m.attention_head_dim,
+                                             self.weight_dtype, self.device, pads=self.head_sizes)
+            self._attention[key] = (kernel, pad)
+            self.attention_choice[key] = attention_label(kernel, pad)
+        return self._attention[key]
 
     def _forward(self, x, timestep, class_labels, context, context_mask) -> torch.Tensor:
         """The model's dense forward (PixelFlowModel.forward) with the blocks run by block_forward."""
@@ -431,8 +557,9 @@ class FastDenoiser:
         c = m.conditioning(timestep, grid_side, class_labels, b, tokens.dtype)
         mask = m._text_mask(context_mask, x.dtype)
         rope = m.rope_table(gh, gw, x.device)
-        kernel = self._attention_kernel(b, gh * gw)
-        spec = (m.num_attention_heads, m.attention_head_dim, m.transformer_blocks[0].norm3.eps, kernel)
+        kernel, pad = self._attention_kernel(b, gh * gw)
+        spec = (m.num_attention_heads, m.attention_head_dim, m.transformer_blocks[0].norm3.eps, kernel, pad,
+                self.fused_gelu)
         silu_c = F.silu(c)
         if "ada_w" in w:  # merged: (B, depth * 6D) -> (B, depth, 6, D)
             mods = F.linear(silu_c, w["ada_w"], w["ada_b"]).float().unflatten(-1, (len(w["blocks"]), 6, -1)).unbind(1)

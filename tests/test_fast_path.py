@@ -21,7 +21,7 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 EXACT_ATOL = 1e-6     # float32: merged matmuls may only reassociate sums
 SAMPLING_ATOL = 1e-4  # golden README: whole sampling runs to about 1e-4
-ALL_CPU_SWITCHES = dict(merge_qkv=True, merge_adaln=True, attention="math")
+ALL_CPU_SWITCHES = dict(merge_qkv=True, merge_adaln=True, attention="math", head_pad=24, fused_gelu=True)
 EAGER_COMPILE = dict(compile=True, compile_backend="aot_eager")
 
 
@@ -68,23 +68,29 @@ def test_defaults_leave_the_cpu_path_plain(plain_pipe):
 
 def test_every_switch_can_be_turned_off(plain_pipe):
     off = dict(merge_qkv=False, merge_adaln=False, compile=False, attention="default", cuda_graphs=False,
-               precision="keep")
+               precision="keep", head_pad=0, fused_gelu=False)
     assert fast.FastOptions(**off).resolve("cpu").is_plain
     assert fast.FastOptions(**off).resolve("cuda").is_plain  # resolving touches no GPU
     fast.accelerate(plain_pipe, **off)
     assert plain_pipe.denoiser is plain_pipe.model
-    for name, on in [("merge_qkv", True), ("merge_adaln", True), ("compile", True), ("attention", "math")]:
+    for name, on in [("merge_qkv", True), ("merge_adaln", True), ("compile", True), ("attention", "math"),
+                     ("head_pad", 32), ("fused_gelu", True)]:
         options = fast.FastOptions(**{**off, name: on}).resolve("cpu")
         assert not options.is_plain and getattr(options, name) == on
     cuda = fast.FastOptions().resolve("cuda")
-    assert (cuda.precision, cuda.merge_qkv, cuda.merge_adaln, cuda.compile, cuda.attention, cuda.cuda_graphs) == \
-        ("bf16", True, True, True, "auto", "auto")
+    assert (cuda.precision, cuda.merge_qkv, cuda.merge_adaln, cuda.compile, cuda.attention, cuda.cuda_graphs,
+            cuda.head_pad, cuda.fused_gelu) == ("bf16", True, True, True, "auto", "auto", "auto", True)
+    # A fixed kernel pads only when told to; the CPU resolves "auto" to the plain choice.
+    assert fast.FastOptions(attention="cudnn").resolve("cuda").head_pad == 0
+    cpu = fast.FastOptions().resolve("cpu")
+    assert (cpu.head_pad, cpu.fused_gelu) == (0, False)
 
 
 @pytest.mark.parametrize("bad, message", [
     (dict(precision="int8"), "precision"), (dict(compile="yes"), "compile"), (dict(attention="xformers"), "attention"),
     (dict(cuda_graphs=True), "CUDA"), (dict(attention="flash"), "CUDA"),
-    (dict(graph_max_tokens=-1), "graph_max_tokens"),
+    (dict(graph_max_tokens=-1), "graph_max_tokens"), (dict(head_pad=70), "head_pad"),
+    (dict(head_pad=True), "head_pad"), (dict(fused_gelu="yes"), "fused_gelu"),
 ])
 def test_bad_options_are_named(plain_pipe, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -98,8 +104,9 @@ def test_unknown_switch_is_an_error(plain_pipe):
 
 # ---------------------------------------------------------------------------------------------- forwards
 @pytest.mark.parametrize("switches", [
-    {}, dict(merge_qkv=True), dict(merge_adaln=True), dict(attention="math"), ALL_CPU_SWITCHES,
-], ids=["none", "merge_qkv", "merge_adaln", "attention_math", "all"])
+    {}, dict(merge_qkv=True), dict(merge_adaln=True), dict(attention="math"), dict(head_pad=24),
+    dict(head_pad=128, attention="math"), dict(fused_gelu=True), ALL_CPU_SWITCHES,
+], ids=["none", "merge_qkv", "merge_adaln", "attention_math", "head_pad_24", "head_pad_128", "fused_gelu", "all"])
 def test_forward_equals_model(pipe, switches):
     x, t, labels = forward_inputs()
     with torch.no_grad():
@@ -109,6 +116,51 @@ def test_forward_equals_model(pipe, switches):
     if not switches:  # nothing merged: the very same operations in the same order
         assert torch.equal(out, expected)
     assert max_abs(out, expected) < EXACT_ATOL
+
+
+def test_head_pad_smaller_than_the_heads_is_refused(pipe):
+    with pytest.raises(ValueError, match="head_pad 8 is smaller than the model's attention_head_dim 16"):
+        denoiser(pipe.model, head_pad=8)
+
+
+def test_head_pad_sizes():
+    assert fast.head_sizes(72, "auto") == (0, 80, 96, 128)  # XL: 72 rounded up to 16 and 32, and 128
+    assert fast.head_sizes(64, "auto") == (0, 128)
+    assert fast.head_sizes(128, "auto") == (0,)
+    assert fast.head_sizes(72, 96) == (96,) and fast.head_sizes(72, 0) == (0,) and fast.head_sizes(72, 72) == (0,)
+
+
+def test_padded_attention_is_exact_attention():
+    """Zero channels change nothing: padded heads with the unpadded scale give the unpadded result."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 10, 3, 12, generator=gen, dtype=torch.float64) for _ in range(3))
+    expected = fast._attend(q, k, v, "sdpa")
+    padded = fast._attend(*(fast.pad_heads(t, 32) for t in (q, k, v)), "sdpa", scale=12 ** -0.5)
+    assert padded.shape == (2, 10, 3, 32) and torch.all(padded[..., 12:] == 0)
+    assert (padded[..., :12] - expected).abs().max().item() < 1e-12
+
+
+def test_fused_gelu_is_the_tanh_gelu():
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 5, 16, generator=gen), torch.randn(24, 16, generator=gen), torch.randn(24, generator=gen)
+    expected = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
+    assert torch.equal(fast.linear_gelu_tanh(x, w, b), expected)
+
+
+def test_gelu_epilogue_check_tells_tanh_from_erf(monkeypatch):
+    """PyTorch's CPU _addmm_activation applies the erf GELU: the check must refuse it in float32 and in bf16
+    (where the forms still differ by ~10 % at x = -3), and accept a tanh GELU."""
+    monkeypatch.setattr(fast, "_EPILOGUE_IS_TANH", {})
+    assert not fast.gelu_epilogue_is_tanh("cpu", torch.float32)
+    assert not fast.gelu_epilogue_is_tanh("cpu", torch.bfloat16)
+
+    def tanh_epilogue(bias, mat1, mat2, use_gelu=False):
+        return torch.nn.functional.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
+
+    monkeypatch.setattr(fast, "_EPILOGUE_IS_TANH", {})
+    monkeypatch.setattr(torch, "_addmm_activation", tanh_epilogue)
+    assert fast.gelu_epilogue_is_tanh("cpu", torch.float32)
+    assert fast.gelu_epilogue_is_tanh("cpu", torch.bfloat16)
 
 
 def test_forward_matches_golden_c2i(pipe, load_golden):
@@ -301,3 +353,5 @@ def test_gpu_check_dry_run_without_omegaconf(tmp_path):
     assert all(v.startswith("ok") for v in report["sections"].values()), report["sections"]
     assert report["environment"]["omegaconf"] is False
     assert report["fast_vs_plain_images"]["max_uint8"] == 0
+    assert len(report["forward_variants"]) == 6, result.stdout[-3000:]  # every variant ran
+    assert all(v["max_abs_vs_default"] < 1e-5 for v in report["forward_variants"])
