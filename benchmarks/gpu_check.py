@@ -3,6 +3,11 @@
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --budget 420 --out $OUT     # on the GPU machine
     python benchmarks/gpu_check.py --tiny --no-omegaconf                             # CPU dry run, 1-2 minutes
 
+With 15 device minutes, sections already measured can be left out, e.g. (the plain path and batch 64 were timed
+on 2026-11-27, see benchmarks/results/):
+    PYTHONUNBUFFERED=1 timeout 470 python3 benchmarks/gpu_check.py --budget 440 --out $OUT \
+        --skip golden "plain path" "batch 64" 2>&1 | tee $OUT/gpu_check.log
+
 Sections, each under its own header, each skipped when the time left is short and never stopping the run
 when it fails: environment; bf16 matmul peak; self-attention kernels at every stage's shape (unpadded and
 at padded head sizes); the block's matrix products at 256 px and the GELU epilogue; the golden tiny model on
