@@ -18,6 +18,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 0..65535, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="PixelFlow Gradio demo", allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="pretrained folder (config.yaml + model.pt) or a run's output folder")
@@ -25,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for the release's command line; the checkpoint's config decides, and this "
                         "flag must agree with it")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=_port, default=7860, help="port to serve on (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available); bf16 autocast on cuda")
     p.add_argument("--max-images", type=_positive_int, default=8, help="cap on images per request")
     p.add_argument("--max-steps", type=_positive_int, default=100, help="cap on Euler steps per stage")
@@ -48,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     limits = DemoLimits(max_images=args.max_images, max_steps=args.max_steps, max_queue=args.max_queue)
     demo = build_demo(DemoGenerator(pipe, limits, name=args.checkpoint))
-    launch(demo, host=args.host, port=args.port, share=args.share)
+    try:
+        launch(demo, host=args.host, port=args.port, share=args.share)
+    except OSError as e:  # the port is taken, or the host is not this machine's
+        raise SystemExit(f"{parser.prog}: error: cannot serve on --host {args.host} --port {args.port}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Re-running the same command resumes. The work is done by pixelflow.sampling; thi
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 from pixelflow.sampling import SampleOptions, plan_sampling, sample_to_folder
@@ -66,7 +67,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         plan = plan_sampling(options)
     except ValueError as e:
         parser.error(str(e))
-    sample_to_folder(plan)
+    try:
+        sample_to_folder(plan)
+    except ValueError as e:  # e.g. an unreadable weights file: the reason, without a traceback
+        sys.exit(f"{parser.prog}: error: {e}")
 
 
 if __name__ == "__main__":

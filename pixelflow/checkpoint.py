@@ -117,11 +117,18 @@ def find_weights(folder: str | os.PathLike) -> Path:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a weight file: a flat state dict, or one wrapped as {"ema": ...} (preferred) or {"model": ...}."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a truncated or foreign file: name it, whatever the reader's own words are
+        raise ValueError(f"could not read the weights file {str(path)!r} ({path.stat().st_size} bytes): "
+                         f"{type(e).__name__}: {str(e)[:600]}\nis it a complete PyTorch (.pt) or safetensors "
+                         "file? A copy interrupted midway reads like this.") from e
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, expected a state dict")
     for wrapper in ("ema", "model", "state_dict"):
@@ -137,15 +144,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Strict load that names every missing and unexpected key and every shape mismatch."""
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                 model_from: str = "its config") -> None:
+    """Strict load that names every missing and unexpected key and every shape mismatch. model_from says
+    which config built `model`, for the message."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
-        lines = [f"weights in {source} do not match the model built from its config:"]
+        lines = [f"weights in {source} do not match the model built from {model_from}:"]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
         if unexpected:

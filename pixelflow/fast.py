@@ -509,9 +509,7 @@ class FastDenoiser:
         if x.ndim != 4 or x.shape[1] != m.in_channels or x.shape[2] % m.patch_size or x.shape[3] % m.patch_size:
             raise ValueError(f"expected hidden_states (B, {m.in_channels}, H, W) with H and W multiples of "
                              f"patch_size {m.patch_size}, got {tuple(x.shape)}")
-        if m.cross_attention_dim is not None and encoder_hidden_states is None:
-            raise ValueError("this model is text-conditional: pass encoder_hidden_states (B, Lt, "
-                             f"{m.cross_attention_dim})")
+        m.check_text_inputs(encoder_hidden_states)
         if self._weights is None or self._param_version() != self._version:
             self.refresh()
         b = x.shape[0]

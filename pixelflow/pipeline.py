@@ -146,8 +146,12 @@ class PixelFlowPipeline:
         guidance_scale: g >= 0; per-stage weights from stage_guidance_weights unless guidance_weights is given.
         generator: one torch.Generator, or one per image (image b's noise then depends on generator[b] only).
         latents: (B, 3, H/2^(S-1), W/2^(S-1)) initial noise; stage_noise: block noise for stages 1..S-1
-        at each stage's size (rows past B are ignored).
-        Returns per output_type: "np" (B, H, W, 3) float32 in [0, 1]; "pt" the same as a tensor;
+        at each stage's size, (B or more, 3, h, w). Rows past B never reach an image. The one place they are
+        read is dopri5 with guidance, where, as in the release, rows B..2B renoise the doubled ODE state that
+        only enters the adaptive step size; with fewer rows, image j reuses its own row j there, so the given
+        noise alone decides the result.
+        Returns per output_type: "np" (B, H, W, 3) float32 in [0, 1]; "pt" the same as a (B, H, W, 3) tensor
+        (channels last, like "np", not the (B, 3, H, W) of the network);
         "uint8" (B, H, W, 3) uint8 numpy; "pil" a list of PIL images.
         """
         S = self.scheduler.num_stages
@@ -170,11 +174,13 @@ class PixelFlowPipeline:
         if latents is None:
             z = self._randn((batch, 3, h0, w0), generators, device)
         else:
+            if not torch.is_tensor(latents):
+                raise ValueError(f"latents must be a tensor (B, 3, H, W), got {type(latents).__name__}")
             if tuple(latents.shape) != (batch, 3, h0, w0):
                 raise ValueError(f"latents must be {(batch, 3, h0, w0)} for {height}x{width}, got {tuple(latents.shape)}")
             z = latents.to(device=device, dtype=torch.float32)
-        if stage_noise is not None and len(stage_noise) != S - 1:
-            raise ValueError(f"stage_noise needs {S - 1} tensors (stages 1..{S - 1}), got {len(stage_noise)}")
+        if stage_noise is not None:
+            self._check_stage_noise(stage_noise, batch, h0, w0)
 
         # dopri5 as the release runs it: whenever guidance is on, the ODE state is doubled and the second half
         # (the "shadow") follows the first half's velocity but gets its own block noise at every stage. It never
@@ -208,16 +214,14 @@ class PixelFlowPipeline:
         """
         b, c, h, w = shape
         h, w = 2 * h, 2 * w
-        if given is not None:
-            if given.shape[0] < b or tuple(given.shape[1:]) != (c, h, w):
-                raise ValueError(f"stage_noise[{stage - 1}] must be at least ({b}, {c}, {h}, {w}), "
-                                 f"got {tuple(given.shape)}")
+        if given is not None:  # shapes were checked up front (_check_stage_noise)
             given = given.to(device=self.device, dtype=torch.float32)
             if given.shape[0] >= rows:
                 return given[:rows]
-            # Too few rows for the shadow: the missing ones are drawn.
-            extra = self._block_noise(rows - given.shape[0], c, h, w, generators, shadow=True)
-            return torch.cat([given, extra])
+            # Too few rows for the shadow: image j's missing shadow row is its own main row, so the caller's
+            # noise alone decides the result (with no shadow rows at all, the shadow stays an exact copy).
+            n = given.shape[0]
+            return torch.cat([given, given[n - b:b]])
         if isinstance(generators, list) and rows > b:
             return torch.cat([self._block_noise(b, c, h, w, generators),
                               self._block_noise(b, c, h, w, generators)])
@@ -325,11 +329,13 @@ class PixelFlowPipeline:
 
     def _check_steps(self, num_inference_steps) -> list[int]:
         S = self.scheduler.num_stages
-        if isinstance(num_inference_steps, (int, np.integer)):
+        if torch.is_tensor(num_inference_steps) and not num_inference_steps.is_floating_point():
+            num_inference_steps = num_inference_steps.tolist()
+        if isinstance(num_inference_steps, (int, np.integer)) and not isinstance(num_inference_steps, bool):
             steps = [int(num_inference_steps)] * S
         else:
             given = [num_inference_steps] if np.ndim(num_inference_steps) == 0 else list(num_inference_steps)
-            if not all(isinstance(s, (int, np.integer)) for s in given):
+            if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in given):
                 raise ValueError(f"num_inference_steps must be an int or one int per stage, got {num_inference_steps!r}")
             steps = [int(s) for s in given]
             if len(steps) != S:
@@ -342,9 +348,12 @@ class PixelFlowPipeline:
     def _check_call(self, height, width, guidance_scale, solver, output_type, shift) -> None:
         m = self.size_multiple
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, (int, np.integer)) or value < m or value % m:
-                raise ValueError(f"{name}={value} must be a positive multiple of {m} "
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < m or value % m:
+                raise ValueError(f"{name}={value!r} must be a positive multiple of {m} "
                                  f"(patch_size {self.model.patch_size} x 2^(stages-1))")
+        for name, value in (("guidance_scale", guidance_scale), ("shift", shift)):
+            if not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
         if solver not in SOLVERS:
@@ -354,9 +363,27 @@ class PixelFlowPipeline:
         if not (shift > 0 and math.isfinite(shift)):
             raise ValueError(f"shift must be a finite number > 0, got {shift}")
 
+    def _check_stage_noise(self, stage_noise, batch: int, h0: int, w0: int) -> None:
+        """Every stage's block noise is checked before any sampling work."""
+        S = self.scheduler.num_stages
+        if torch.is_tensor(stage_noise) or not isinstance(stage_noise, (list, tuple)):
+            raise ValueError(f"stage_noise must be a list of {S - 1} tensors (stages 1..{S - 1}), "
+                             f"got {type(stage_noise).__name__}")
+        if len(stage_noise) != S - 1:
+            raise ValueError(f"stage_noise needs {S - 1} tensors (stages 1..{S - 1}), got {len(stage_noise)}")
+        for k, given in enumerate(stage_noise, start=1):
+            expected = (batch, 3, h0 << k, w0 << k)
+            if not torch.is_tensor(given) or given.ndim != 4 or given.shape[0] < batch \
+                    or tuple(given.shape[1:]) != expected[1:]:
+                got = tuple(given.shape) if torch.is_tensor(given) else type(given).__name__
+                raise ValueError(f"stage_noise[{k - 1}] (stage {k}) must be at least {expected}, got {got}")
+
     def _check_generators(self, generator, batch: int):
         if generator is None or isinstance(generator, torch.Generator):
             return generator
+        if not isinstance(generator, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator must be a torch.Generator or a list of them (one per image), "
+                             f"got {generator!r}"[:300])
         generators = list(generator)
         if len(generators) != batch:
             raise ValueError(f"got {len(generators)} generators for {batch} images; pass one, or one per image")
@@ -367,9 +394,7 @@ class PixelFlowPipeline:
             return torch.cat([randn((1, *shape[1:]), g, device, torch.float32) for g in generators])
         return randn(shape, generators, device, torch.float32)
 
-    def _block_noise(self, b, c, h, w, generators, shadow: bool = False) -> torch.Tensor:
-        if shadow and isinstance(generators, list):
-            generators = generators[:b]
+    def _block_noise(self, b, c, h, w, generators) -> torch.Tensor:
         return self.scheduler.sample_block_noise(b, c, h, w, generator=generators, device=self.device)
 
     def _autocast(self):

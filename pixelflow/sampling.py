@@ -239,12 +239,11 @@ def sampling_settings(plan: SamplingPlan) -> dict:
     folder may only be resumed with the same ones. The batch size counts only for dopri5: with Euler it changes
     at most the rounding of a few pixels on CUDA (see the module docstring)."""
     weights = find_weights(plan.checkpoint)
-    stat = weights.stat()
     opts = plan.options
     settings = {
         "format": SETTINGS_FORMAT,
         "checkpoint": str(plan.checkpoint.resolve()),
-        "weights": {"file": weights.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+        "weights": weights_fingerprint(weights),
         "resolution": plan.resolution,
         "solver": plan.solver,
         "num_steps_per_stage": plan.steps if plan.solver == "euler" else None,
@@ -264,6 +263,23 @@ def sampling_settings(plan: SamplingPlan) -> dict:
         digest = hashlib.sha256("\n".join(plan.prompts).encode("utf-8")).hexdigest()
         settings["prompts"] = {"count": len(plan.prompts), "sha256": digest}
     return settings
+
+
+FINGERPRINT_BYTES = 4 << 20
+
+
+def weights_fingerprint(path: Path) -> dict:
+    """Which weights made a folder's images, without reading gigabytes: the file's name and size and a sha256
+    of its first and last 4 MiB. The head holds a safetensors header or the first tensors; the tail of a
+    PyTorch file is its zip directory, which carries a CRC-32 of every tensor. A copy or `touch` keeps it."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(f.read())
+    return {"file": path.name, "bytes": size, "sha256_head_tail": digest.hexdigest()}
 
 
 def read_settings(sample_dir: Path) -> dict | None:
@@ -429,17 +445,18 @@ def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
     from .pipeline import PixelFlowPipeline
 
     opts = plan.options
-    if ctx.is_main:
-        plan.sample_dir.mkdir(parents=True, exist_ok=True)
-        write_settings(plan, ctx.world_size)
-        remove_stale_temporaries(plan.sample_dir)
-    barrier(ctx)
-
+    # The weights load before the folder records its settings: a run that cannot load them leaves nothing
+    # behind that a corrected rerun would have to match.
     pipe = PixelFlowPipeline.from_pretrained(plan.checkpoint, device=ctx.device,
                                              autocast_dtype=PRECISIONS[plan.precision])
     if opts.fast:  # merged, compiled, graph-captured forwards on CUDA; the plain model elsewhere
         from .fast import accelerate
         accelerate(pipe, precision="keep")
+    if ctx.is_main:
+        plan.sample_dir.mkdir(parents=True, exist_ok=True)
+        write_settings(plan, ctx.world_size)
+        remove_stale_temporaries(plan.sample_dir)
+    barrier(ctx)
     size = plan.resolution
     chunks = chunks_for_rank(opts.num_fid_samples, opts.local_batch_size, ctx.rank, ctx.world_size)
     work = pending_batches(chunks, lambda i: is_complete_png(png_path(plan.sample_dir, i), size, size))

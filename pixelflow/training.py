@@ -283,12 +283,15 @@ class Trainer:
             from .text_features import TextFeatures
             self.text = TextFeatures(config, self.device, self.output_dir)
 
+        if options.resume and self.resume_from is None:
+            self._log(f"--resume: no checkpoint in {str(self.output_dir / 'checkpoints')!r} yet; starting at step 0")
         if self.resume_from is not None:
             self._load_resume(self.resume_from)
         elif options.pretrained_model is not None:
             state = read_state_dict(self._pretrained_weights())
-            load_weights(self.model, state, source=options.pretrained_model)
-            load_weights(self.ema, state, source=options.pretrained_model)
+            built_from = "the training config's model.params"
+            load_weights(self.model, state, source=options.pretrained_model, model_from=built_from)
+            load_weights(self.ema, state, source=options.pretrained_model, model_from=built_from)
 
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.dist.initialized else self.model)

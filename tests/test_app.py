@@ -209,6 +209,7 @@ def test_cli_defaults_match_the_demo():
     (["--checkpoint", "x", "--bogus"], "unrecognized arguments: --bogus"),
     (["--checkpoint", "x", "--classcond"], "unrecognized arguments: --classcond"),
     (["--checkpoint", "x", "--max-images", "0"], "--max-images: must be >= 1"),
+    (["--checkpoint", "x", "--port", "70000"], "--port: must be a TCP port in 0..65535, got 70000"),
     ([], "the following arguments are required: --checkpoint"),
 ])
 def test_cli_rejects_bad_flags(argv, message, capsys):
@@ -221,3 +222,14 @@ def test_cli_script_rejects_unknown_flag_before_loading_anything():
     result = subprocess.run([sys.executable, str(REPO / "app.py"), "--checkpoint", "x", "--bogus"],
                             capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
+
+
+def test_cli_names_a_port_it_cannot_serve_on(monkeypatch):
+    import pixelflow.demo as demo
+
+    def busy(*args, **kwargs):
+        raise OSError("[Errno 98] Address already in use")
+
+    monkeypatch.setattr(demo, "launch", busy)
+    with pytest.raises(SystemExit, match=r"cannot serve on --host 127.0.0.1 --port 7861: .*already in use"):
+        app.main(["--checkpoint", str(REPO / "tests" / "golden" / "c2i_ckpt"), "--port", "7861"])

@@ -261,3 +261,23 @@ def test_packed_attention_uses_flash_attn_varlen_when_eligible(monkeypatch):
     assert calls and calls[0] == ([0, 16, 20, 24, 25], 16)
     assert len(calls) == 2  # once per block
     assert (flashed - reference).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    pytest.param(dict(class_labels=torch.tensor([0, 5])), r"class label 5 is outside \[0, 4\]", id="label-5"),
+    pytest.param(dict(class_labels=torch.tensor([0, -1])), r"class label -1", id="label-minus-1"),
+    pytest.param(dict(class_labels=torch.tensor([1])), r"class_labels must be \(2,\).*\(1,\)", id="one-label"),
+    pytest.param(dict(class_labels=torch.tensor([0.0, 1.0])), r"integers.*float32", id="float-labels"),
+    pytest.param(dict(class_labels=torch.tensor([0, 1]), timestep=torch.ones(3)), r"timestep.*\(2,\).*\(3,\)",
+                 id="timestep-length"),
+    pytest.param(dict(class_labels=torch.tensor([0, 1]), encoder_hidden_states=torch.zeros(2, 3, 8)),
+                 r"class-conditional.*encoder_hidden_states", id="text-to-c2i"),
+])
+def test_forward_names_bad_conditions(make_tiny_model, kwargs, message):
+    model = make_tiny_model(num_classes=4)
+    kwargs = dict(kwargs)
+    timestep = kwargs.pop("timestep", torch.ones(2))
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(2, 3, 8, 8), timestep, **kwargs)
+    # The null label (num_classes) is the network's own and is accepted.
+    model(torch.zeros(2, 3, 8, 8), torch.ones(2), class_labels=torch.tensor([0, 4]))

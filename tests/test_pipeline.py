@@ -170,6 +170,54 @@ def test_bad_input_is_rejected_by_name(c2i_pipe, kwargs, message):
         sample(c2i_pipe, **kwargs)
 
 
+def noise_for(batch: int, rows: int | None = None, last_side: int = 32) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    sides = (8, 16, last_side)
+    return [torch.randn(rows or batch, 3, s, s, generator=gen) for s in sides]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    pytest.param(dict(stage_noise=noise_for(2, last_side=31)), r"stage_noise\[2\] \(stage 3\).*\(2, 3, 32, 32\)"
+                 r".*\(2, 3, 31, 31\)", id="last-stage-noise-shape"),
+    pytest.param(dict(stage_noise=noise_for(2, rows=1)), r"stage_noise\[0\].*\(1, 3, 8, 8\)", id="noise-rows"),
+    pytest.param(dict(stage_noise=torch.zeros(2, 3, 8, 8)), r"list of 3 tensors.*Tensor", id="noise-not-a-list"),
+    pytest.param(dict(height="32"), r"height='32'", id="height-string"),
+    pytest.param(dict(guidance_scale="2"), r"guidance_scale must be a number, got '2'", id="guidance-string"),
+    pytest.param(dict(shift="1"), r"shift must be a number, got '1'", id="shift-string"),
+    pytest.param(dict(generator=42), r"generator must be a torch.Generator.*42", id="generator-int"),
+    pytest.param(dict(latents=[[0.0]]), r"latents must be a tensor.*list", id="latents-list"),
+    pytest.param(dict(num_inference_steps=True), r"num_inference_steps.*True", id="steps-bool"),
+])
+def test_bad_input_is_rejected_before_any_network_call(c2i_pipe, monkeypatch, kwargs, message):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was called before the inputs were checked")
+
+    monkeypatch.setattr(c2i_pipe, "denoiser", no_network)
+    with pytest.raises(ValueError, match=message):
+        sample(c2i_pipe, **kwargs)
+
+
+def test_steps_may_be_an_integer_tensor(c2i_pipe):
+    expected = sample(c2i_pipe, num_inference_steps=[1, 2, 1, 2])
+    assert torch.equal(sample(c2i_pipe, num_inference_steps=torch.tensor([1, 2, 1, 2])), expected)
+
+
+def test_given_noise_alone_decides_dopri5_with_guidance(c2i_pipe):
+    """dopri5 with guidance reads block-noise rows B..2B for the release's doubled state. With only B rows
+    given, that state reuses them: the result no longer depends on a generator, and equals passing the B
+    rows twice."""
+    latents = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    noise = noise_for(2)
+    run = lambda stage_noise, seed: sample(c2i_pipe, seed=seed, solver="dopri5", latents=latents,  # noqa: E731
+                                           stage_noise=stage_noise, guidance_scale=2.0)
+    first = run(noise, seed=0)
+    assert torch.equal(first, run(noise, seed=1))
+    assert torch.equal(first, run([torch.cat([n, n]) for n in noise], seed=2))
+    # Control: other shadow rows change the step sizes and hence (slightly) the images.
+    other = [torch.cat([n, torch.randn(n.shape, generator=torch.Generator().manual_seed(5))]) for n in noise]
+    assert not torch.equal(first, run(other, seed=0))
+
+
 def test_null_label_is_for_the_network_not_the_pipeline(c2i_pipe):
     null = c2i_pipe.model.null_label
     assert null == c2i_pipe.model.num_classes == 1000

@@ -236,6 +236,35 @@ def test_missing_checkpoint_and_misspelled_flag(tmp_path, capsys):
         sampling.plan_sampling(sampling.SampleOptions(pretrained=str(C2I), num_fid_samples=-3))
 
 
+def test_unreadable_weights_leave_nothing_a_fixed_rerun_must_match(tmp_path, capsys):
+    """A truncated model.pt is named in the error and records no settings; once fixed, the run works, and a
+    touched (or copied) weights file still resumes the folder."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.yaml").write_text((C2I / "config.yaml").read_text())
+    good = (C2I / "model.pt").read_bytes()
+    (ckpt / "model.pt").write_bytes(good[: len(good) // 2])
+    folder = tmp_path / "samples"
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main(_args(folder, 3, 2, pretrained=ckpt))
+    assert "could not read the weights file" in str(e.value.code) and "model.pt" in str(e.value.code)
+    assert not (folder / sampling.SETTINGS_FILE).exists()
+
+    (ckpt / "model.pt").write_bytes(good)
+    sample_ddp.main(_args(folder, 2, 2, pretrained=ckpt))
+    first = _pngs(folder)
+    os.utime(ckpt / "model.pt", ns=(1, 1))  # as `touch` or a copy without timestamps would
+    sample_ddp.main(_args(folder, 3, 2, pretrained=ckpt))  # resumes: one more image
+    assert len(_pngs(folder)) == 3 and {k: v for k, v in _pngs(folder).items() if k in first} == first
+    # Other weights of the same size are refused.
+    other = bytearray(good)
+    other[-100] ^= 0xFF  # inside the zip directory at the end: another CRC
+    (ckpt / "model.pt").write_bytes(bytes(other))
+    with pytest.raises(SystemExit):
+        sample_ddp.main(_args(folder, 4, 2, pretrained=ckpt))
+    assert "weights" in capsys.readouterr().err
+
+
 def test_training_output_folder_resolves_to_newest_checkpoint(tmp_path):
     out = tmp_path / "run"
     for step in (100, 200):

@@ -228,6 +228,13 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
         Trainer(tiny_config("train.max_steps=2"), TrainOptions(str(tmp_path), progress=False))
 
 
+def test_resume_without_a_checkpoint_says_it_starts_fresh(tmp_path, capfd):
+    trainer = Trainer(tiny_config("train.max_steps=1"), TrainOptions(str(tmp_path), resume=True, progress=False))
+    assert trainer.resume_from is None
+    assert "--resume: no checkpoint in" in capfd.readouterr().err
+    assert "starting at step 0" in (tmp_path / "log.txt").read_text()
+
+
 def test_released_config_loads_as_is():
     config = load_config(ROOT / "configs" / "pixelflow_xl_c2i.yaml")
     assert config.model.params.depth == 28 and config.data.resolution == 256

@@ -209,13 +209,36 @@ class PixelFlowModel(nn.Module):
         timestep = torch.as_tensor(timestep, device=grid_side.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
+        if tuple(timestep.shape) != (batch,):
+            raise ValueError(f"timestep must be a scalar or ({batch},) for {batch} images, got {tuple(timestep.shape)}")
         c = self.timestep_embedder(timestep).to(dtype)
         if self.num_classes > 0:
             if class_labels is None:
                 raise ValueError("this model is class-conditional: pass class_labels (B,) long "
                                  f"(use {self.null_label} for the null label)")
+            class_labels = torch.as_tensor(class_labels)
+            if tuple(class_labels.shape) != (batch,) or class_labels.is_floating_point() \
+                    or class_labels.dtype == torch.bool:
+                raise ValueError(f"class_labels must be ({batch},) integers for {batch} images, got "
+                                 f"{tuple(class_labels.shape)} {class_labels.dtype}")
+            if not class_labels.is_cuda:  # on the GPU this would cost a sync per call; the pipeline checks first
+                bad = class_labels[(class_labels < 0) | (class_labels > self.null_label)]
+                if bad.numel():
+                    raise ValueError(f"class label {bad[0].item()} is outside [0, {self.null_label}] "
+                                     f"({self.num_classes} classes; {self.null_label} is the null label)")
             c = c + self.class_embedder(class_labels.to(grid_side.device).long()).to(dtype)
+        elif class_labels is not None:
+            raise ValueError("this model is text-conditional (num_classes 0): pass encoder_hidden_states, "
+                             "not class_labels")
         return c + self.latent_size_embedder(grid_side).to(dtype)
+
+    def check_text_inputs(self, encoder_hidden_states: torch.Tensor | None) -> None:
+        if self.cross_attention_dim is not None and encoder_hidden_states is None:
+            raise ValueError("this model is text-conditional: pass encoder_hidden_states (B, Lt, "
+                             f"{self.cross_attention_dim})")
+        if self.cross_attention_dim is None and encoder_hidden_states is not None:
+            raise ValueError("this model is class-conditional (no cross-attention): encoder_hidden_states "
+                             "would be ignored; pass class_labels")
 
     def _text_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         if mask is None:
@@ -253,9 +276,7 @@ class PixelFlowModel(nn.Module):
         encoder_hidden_states: (B, Lt, cross_attention_dim); encoder_attention_mask: (B, Lt), 1 = keep.
         """
         x = hidden_states
-        if self.cross_attention_dim is not None and encoder_hidden_states is None:
-            raise ValueError("this model is text-conditional: pass encoder_hidden_states (B, Lt, "
-                             f"{self.cross_attention_dim})")
+        self.check_text_inputs(encoder_hidden_states)
         context_mask = self._text_mask(encoder_attention_mask, x.dtype if x.is_floating_point() else torch.float32)
 
         if grid_sizes is None:
