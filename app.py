@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_demo(DemoGenerator(pipe, limits, name=args.checkpoint))
     try:
         launch(demo, host=args.host, port=args.port, share=args.share)
-    except OSError as e:  # the port is taken, or the host is not this machine's
-        raise SystemExit(f"{parser.prog}: error: cannot serve on --host {args.host} --port {args.port}: {e}") from None
+    except OSError as e:  # the port is taken, the host is not this machine's, or the share link failed
+        where = f"--host {args.host} --port {args.port}" + (" with --share" if args.share else "")
+        raise SystemExit(f"{parser.prog}: error: cannot serve on {where}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from pixelflow.checkpoint import WeightsError
 from pixelflow.sampling import SampleOptions, plan_sampling, sample_to_folder
 
 
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(e))
     try:
         sample_to_folder(plan)
-    except ValueError as e:  # e.g. an unreadable weights file: the reason, without a traceback
+    except WeightsError as e:  # an unreadable or mismatched weights file: the reason, without a traceback
         sys.exit(f"{parser.prog}: error: {e}")
 
 

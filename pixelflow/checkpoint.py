@@ -114,6 +114,10 @@ def find_weights(folder: str | os.PathLike) -> Path:
     raise ValueError(f"checkpoint folder {str(folder)!r} has no weights: expected one of {WEIGHT_FILES}")
 
 
+class WeightsError(ValueError):
+    """A weights file that cannot be read, or whose tensors do not fit the model."""
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a weight file: a flat state dict, or one wrapped as {"ema": ...} (preferred) or {"model": ...}."""
     path = Path(path)
@@ -123,14 +127,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except OSError:  # missing, unreadable, a folder: the system's own message says it
         raise
     except Exception as e:  # a truncated or foreign file: name it, whatever the reader's own words are
-        raise ValueError(f"could not read the weights file {str(path)!r} ({path.stat().st_size} bytes): "
+        raise WeightsError(f"could not read the weights file {str(path)!r} ({path.stat().st_size} bytes): "
                          f"{type(e).__name__}: {str(e)[:600]}\nis it a complete PyTorch (.pt) or safetensors "
                          "file? A copy interrupted midway reads like this.") from e
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state dict")
+        raise WeightsError(f"{path} holds a {type(state).__name__}, expected a state dict")
     for wrapper in ("ema", "model", "state_dict"):
         if wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
@@ -161,7 +165,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
             lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
         if shapes:
             lines.append(f"  shape mismatches ({len(shapes)}): {shapes[:10]}")
-        raise ValueError("\n".join(lines))
+        raise WeightsError("\n".join(lines))
     expected_dtype = {k: v.dtype for k, v in expected.items()}
     state = {k: v.to(expected_dtype[k]) for k, v in state.items()}
     on_meta = any(p.is_meta for p in model.parameters())

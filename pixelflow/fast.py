@@ -38,6 +38,7 @@ import contextlib
 import importlib.util
 import inspect
 import math
+import time
 import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -250,10 +251,12 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     device and dtype, one GEMM with a bias + GELU epilogue; otherwise the two steps. An opaque operator, so
     that torch.compile keeps the epilogue instead of splitting the GEMM from the GELU."""
     flat = x.reshape(-1, x.shape[-1])
-    if x.is_cuda and _EPILOGUE_IS_TANH.get((x.device, x.dtype)) and flat.shape[0] > 1:
-        out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
-    else:
-        out = F.gelu(F.linear(flat, weight, bias), approximate="tanh")
+    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # x's dtype throughout, as the fake says, compiled or not
+        if _EPILOGUE_IS_TANH.get((x.device, x.dtype)) and flat.shape[0] > 1:
+            out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
+        else:
+            out = F.gelu(F.linear(flat, weight, bias), approximate="tanh")
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -267,29 +270,41 @@ _EPILOGUE_IS_TANH: dict[tuple, bool] = {}
 _GELU_PROBES = (-4.0, -3.5, -3.0, -2.5, -1.0, -0.5, 0.0, 0.5, 1.0, 2.5)
 
 
+def _canonical(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def gelu_epilogue_output(device: torch.device | str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probes, torch._addmm_activation(use_gelu=True) at the probes) in float32, computed in `dtype`."""
+    device = _canonical(device)
+    probes = torch.tensor(_GELU_PROBES, dtype=dtype, device=device)
+    # Pre-activations equal to the probes exactly: x = 1 (M x 8), weight = 0, bias = probes.
+    x = torch.ones(64, 8, dtype=dtype, device=device)
+    w = torch.zeros(probes.numel(), 8, dtype=dtype, device=device)
+    with torch.autocast(device.type, enabled=False):
+        out = torch._addmm_activation(probes, x, w.t(), use_gelu=True)
+    return probes.float(), out[0].float()
+
+
 def gelu_epilogue_is_tanh(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether torch._addmm_activation(use_gelu=True) computes the tanh GELU on `device` in `dtype`.
 
     cuBLASLt's GELU epilogue is the tanh approximation the model uses, but PyTorch's CPU kernel applies the
-    erf GELU, and a library may differ: the fused path is used only where this check passed. Cached; syncs.
+    erf GELU, and a library may differ: the fused path is used only where this check passed. The tolerance
+    (1 % of the value) is far tighter than the erf/tanh gap at x <= -2.5; an epilogue with a much rougher tanh
+    would be refused too, which only costs speed. Cached; syncs.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, dtype)
+    key = (_canonical(device), dtype)
     if key not in _EPILOGUE_IS_TANH:
-        probes = torch.tensor(_GELU_PROBES, dtype=dtype, device=device)
-        n = probes.numel()
-        # Pre-activations equal to the probes exactly: x = 1 (M x 8), weight = 0, bias = probes.
-        x = torch.ones(64, 8, dtype=dtype, device=device)
-        w = torch.zeros(n, 8, dtype=dtype, device=device)
         try:
-            with torch.autocast(device.type, enabled=False):
-                out = torch._addmm_activation(probes, x, w.t(), use_gelu=True).float()
+            probes, out = gelu_epilogue_output(device, dtype)
         except RuntimeError:  # no such kernel for this device or dtype: the unfused path it is
             _EPILOGUE_IS_TANH[key] = False
             return False
-        ref = F.gelu(probes.float(), approximate="tanh")
+        ref = F.gelu(probes, approximate="tanh")
         tol = 1e-2 * ref.abs() + 1e-6
         _EPILOGUE_IS_TANH[key] = bool(((out - ref).abs() <= tol).all())
     return _EPILOGUE_IS_TANH[key]
@@ -320,18 +335,25 @@ def sdpa_context(kernel: str, strict: bool = False):
     return sdpa_kernel([first, *rest], set_priority=True)
 
 
-def _time_cuda(fn, reps: int = 5, warmup: int = 2) -> float:
+def median_seconds(fn, device: torch.device | str, reps: int = 5, warmup: int = 2) -> float:
+    """Median seconds of fn(): CUDA events on a CUDA device, the wall clock elsewhere (tests on the CPU)."""
     for _ in range(warmup):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
+    if torch.device(device).type != "cuda":
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(reps):
         start.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2] / 1e3
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def head_sizes(head_dim: int, head_pad: int | str) -> tuple[int, ...]:
@@ -351,10 +373,12 @@ def attention_label(kernel: str, pad: int) -> str:
 
 def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype,
                       device: torch.device | str, kernels: tuple[str, ...] | None = None,
-                      pads: tuple[int, ...] = (0,)) -> dict[str, dict]:
+                      pads: tuple[int, ...] = (0,), out_dim: int | None = None) -> dict[str, dict]:
     """Time each exact self-attention kernel on random (batch, seq, heads, head_dim) inputs (CUDA), at each
     head size in `pads` (0: unpadded).
 
+    out_dim: also time what padding costs around the kernel (padding q, k, v and the output projection to
+    out_dim, whose input widens with the pad), for every candidate alike: what the forward pays.
     Returns {label: {"kernel", "pad", "seconds": median time or None, "max_err": vs a float32 reference on the
     first image, "error": why it could not run}}; label is attention_label(kernel, pad).
     """
@@ -365,18 +389,29 @@ def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: to
     no_autocast = torch.autocast(torch.device(device).type, enabled=False)  # a caller's autocast must not recast
     with no_autocast, sdpa_context("math", strict=True):
         ref = _attend(q[:1].float(), k[:1].float(), v[:1].float(), "sdpa")
+    o_w = None if out_dim is None else \
+        torch.randn(out_dim, heads * head_dim, device=device, dtype=dtype, generator=gen) * (heads * head_dim) ** -0.5
     results = {}
     for pad in pads:
-        qp, kp, vp = (pad_heads(t, pad) for t in (q, k, v)) if pad else (q, k, v)
         scale = head_dim ** -0.5 if pad else None
+
+        def attend(kernel: str, pad: int = pad, scale: float | None = scale) -> torch.Tensor:
+            if not pad:
+                return _attend(q, k, v, kernel)
+            return _attend(pad_heads(q, pad), pad_heads(k, pad), pad_heads(v, pad), kernel, scale=scale)
+
+        def attend_project(kernel: str, pad: int = pad, attend=attend) -> torch.Tensor:
+            w = o_w if not pad else pad_heads(o_w.unflatten(-1, (heads, head_dim)), pad).flatten(-2)
+            return F.linear(attend(kernel).flatten(-2), w)
+
         for kernel in kernels:
             label = attention_label(kernel, pad)
-            call = lambda: _attend(qp, kp, vp, kernel, scale=scale)  # noqa: E731
+            call = (lambda: attend(kernel)) if o_w is None else (lambda: attend_project(kernel))  # noqa: E731
             try:
                 with no_autocast, sdpa_context(kernel, strict=True):
-                    out = call()[..., :head_dim]
+                    out = attend(kernel)[..., :head_dim]
                     err = (out[:1].float() - ref).abs().max().item()
-                    seconds = _time_cuda(call) if err <= ATTENTION_CHECK_ATOL else None
+                    seconds = median_seconds(call, device) if err <= ATTENTION_CHECK_ATOL else None
                 results[label] = {"kernel": kernel, "pad": pad, "seconds": seconds, "max_err": err,
                                   "error": None if seconds else "inexact"}
             except Exception as e:  # a kernel that cannot take this shape/dtype/device is not a candidate
@@ -386,10 +421,14 @@ def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: to
 
 
 def pick_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype,
-                   device: torch.device | str, pads: tuple[int, ...] = (0,)) -> tuple[str, int]:
+                   device: torch.device | str, pads: tuple[int, ...] = (0,),
+                   out_dim: int | None = None) -> tuple[str, int]:
     """The fastest exact self-attention (kernel, head size or 0) for this shape (("default", 0) if none could
-    be timed)."""
-    results = measure_attention(batch, seq, heads, head_dim, dtype, device, pads=pads)
+    be timed). With several head sizes, timed with their padding and output projection (to out_dim)."""
+    if out_dim is None and pads != (0,):
+        out_dim = heads * head_dim
+    results = measure_attention(batch, seq, heads, head_dim, dtype, device, pads=pads,
+                                out_dim=out_dim if len(pads) > 1 else None)
     timed = {k: r["seconds"] for k, r in results.items() if r["seconds"]}
     if not timed:
         return "default", 0
@@ -540,7 +579,8 @@ class FastDenoiser:
             if kernel == "auto":
                 m = self.model
                 kernel, pad = pick_attention(batch, seq, m.num_attention_heads, m.attention_head_dim,
-                                             self.weight_dtype, self.device, pads=self.head_sizes)
+                                             self.weight_dtype, self.device, pads=self.head_sizes,
+                                             out_dim=m.hidden_size)
             self._attention[key] = (kernel, pad)
             self.attention_choice[key] = attention_label(kernel, pad)
         return self._attention[key]

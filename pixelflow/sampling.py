@@ -300,7 +300,12 @@ def check_resumable(sample_dir: Path, settings: dict) -> None:
             raise ValueError(f"sample folder {str(sample_dir)!r} already holds PNGs but no {SETTINGS_FILE}, so "
                              f"they may come from other settings; pick another --sample-dir or empty it")
         return
-    recorded = saved.get("settings", saved)
+    recorded = dict(saved.get("settings", saved))
+    old_weights, weights = recorded.get("weights"), settings.get("weights")
+    if isinstance(old_weights, dict) and "mtime_ns" in old_weights and isinstance(weights, dict):
+        # Written before the content fingerprint (file, bytes, mtime): the same file name and size pass.
+        if (old_weights.get("file"), old_weights.get("bytes")) == (weights.get("file"), weights.get("bytes")):
+            recorded["weights"] = weights
     differ = sorted(k for k in set(settings) | set(recorded) if settings.get(k) != recorded.get(k))
     if differ:
         lines = [f"  {k}: folder has {recorded.get(k)!r}, this run has {settings.get(k)!r}" for k in differ]

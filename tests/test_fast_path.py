@@ -140,11 +140,42 @@ def test_padded_attention_is_exact_attention():
     assert (padded[..., :12] - expected).abs().max().item() < 1e-12
 
 
-def test_fused_gelu_is_the_tanh_gelu():
+def test_fused_gelu_uses_the_epilogue_only_where_checked(monkeypatch):
+    """The fused branch (argument order, transpose, reshape) runs on the CPU with a stand-in tanh epilogue;
+    without a passed check the op runs GEMM and GELU apart. Under autocast it keeps its input's dtype."""
     gen = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(2, 5, 16, generator=gen), torch.randn(24, 16, generator=gen), torch.randn(24, generator=gen)
     expected = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
-    assert torch.equal(fast.linear_gelu_tanh(x, w, b), expected)
+    calls = []
+
+    def tanh_epilogue(bias, mat1, mat2, use_gelu=False):
+        calls.append((tuple(mat1.shape), tuple(mat2.shape), use_gelu))
+        return torch.nn.functional.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
+
+    monkeypatch.setattr(torch, "_addmm_activation", tanh_epilogue)
+    monkeypatch.setattr(fast, "_EPILOGUE_IS_TANH", {})
+    assert torch.equal(fast.linear_gelu_tanh(x, w, b), expected) and calls == []  # not checked: unfused
+    monkeypatch.setattr(fast, "_EPILOGUE_IS_TANH", {(torch.device("cpu"), torch.float32): True})
+    out = fast.linear_gelu_tanh(x, w, b)
+    assert calls == [((10, 16), (16, 24), True)]
+    assert out.shape == (2, 5, 24) and (out - expected).abs().max().item() < 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast.linear_gelu_tanh(x, w, b).dtype == torch.float32
+        compiled = torch.compile(fast.linear_gelu_tanh, backend="aot_eager", fullgraph=True)
+        assert compiled(x, w, b).dtype == torch.float32
+
+
+def test_attention_measurement_times_padding_and_projection():
+    """The auto pick compares kernels with what padding costs around them (pads, wider o_proj input)."""
+    results = fast.measure_attention(2, 16, 3, 12, torch.float32, "cpu", kernels=("math",), pads=(0, 16, 32),
+                                     out_dim=20)
+    assert set(results) == {"math", "math@16", "math@32"}
+    for label, r in results.items():
+        assert r["error"] is None and r["seconds"] > 0 and r["max_err"] < 1e-5, (label, r)
+    measured = fast.measure_attention(2, 16, 3, 12, torch.float32, "cpu", pads=(0, 16), out_dim=36)
+    exact = {(r["kernel"], r["pad"]) for r in measured.values() if r["seconds"]}
+    assert exact, measured  # PyTorch's CPU flash kernel at least
+    assert fast.pick_attention(2, 16, 3, 12, torch.float32, "cpu", pads=(0, 16)) in exact
 
 
 def test_gelu_epilogue_check_tells_tanh_from_erf(monkeypatch):

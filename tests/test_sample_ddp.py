@@ -256,6 +256,18 @@ def test_unreadable_weights_leave_nothing_a_fixed_rerun_must_match(tmp_path, cap
     os.utime(ckpt / "model.pt", ns=(1, 1))  # as `touch` or a copy without timestamps would
     sample_ddp.main(_args(folder, 3, 2, pretrained=ckpt))  # resumes: one more image
     assert len(_pngs(folder)) == 3 and {k: v for k, v in _pngs(folder).items() if k in first} == first
+    # A folder recorded before the fingerprint (file, bytes, mtime) resumes with the same file name and size.
+    record = json.loads((folder / sampling.SETTINGS_FILE).read_text())
+    record["settings"]["weights"] = {"file": "model.pt", "bytes": len(good), "mtime_ns": 123}
+    (folder / sampling.SETTINGS_FILE).write_text(json.dumps(record))
+    sample_ddp.main(_args(folder, 3, 2, pretrained=ckpt))
+    record["settings"]["weights"]["bytes"] = len(good) + 1
+    (folder / sampling.SETTINGS_FILE).write_text(json.dumps(record))
+    with pytest.raises(SystemExit):
+        sample_ddp.main(_args(folder, 3, 2, pretrained=ckpt))
+    assert "weights" in capsys.readouterr().err
+    record["settings"]["weights"] = sampling.weights_fingerprint(ckpt / "model.pt")
+    (folder / sampling.SETTINGS_FILE).write_text(json.dumps(record))
     # Other weights of the same size are refused.
     other = bytearray(good)
     other[-100] ^= 0xFF  # inside the zip directory at the end: another CRC

@@ -221,7 +221,7 @@ class PixelFlowModel(nn.Module):
                     or class_labels.dtype == torch.bool:
                 raise ValueError(f"class_labels must be ({batch},) integers for {batch} images, got "
                                  f"{tuple(class_labels.shape)} {class_labels.dtype}")
-            if not class_labels.is_cuda:  # on the GPU this would cost a sync per call; the pipeline checks first
+            if class_labels.device.type == "cpu":  # elsewhere a sync per call; the pipeline checks first
                 bad = class_labels[(class_labels < 0) | (class_labels > self.null_label)]
                 if bad.numel():
                     raise ValueError(f"class label {bad[0].item()} is outside [0, {self.null_label}] "
