@@ -424,11 +424,9 @@ def pick_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch
                    device: torch.device | str, pads: tuple[int, ...] = (0,),
                    out_dim: int | None = None) -> tuple[str, int]:
     """The fastest exact self-attention (kernel, head size or 0) for this shape (("default", 0) if none could
-    be timed). With several head sizes, timed with their padding and output projection (to out_dim)."""
-    if out_dim is None and pads != (0,):
-        out_dim = heads * head_dim
-    results = measure_attention(batch, seq, heads, head_dim, dtype, device, pads=pads,
-                                out_dim=out_dim if len(pads) > 1 else None)
+    be timed). out_dim: time the candidates with their padding and output projection (see measure_attention),
+    which is what decides between head sizes."""
+    results = measure_attention(batch, seq, heads, head_dim, dtype, device, pads=pads, out_dim=out_dim)
     timed = {k: r["seconds"] for k, r in results.items() if r["seconds"]}
     if not timed:
         return "default", 0
@@ -580,7 +578,7 @@ class FastDenoiser:
                 m = self.model
                 kernel, pad = pick_attention(batch, seq, m.num_attention_heads, m.attention_head_dim,
                                              self.weight_dtype, self.device, pads=self.head_sizes,
-                                             out_dim=m.hidden_size)
+                                             out_dim=m.hidden_size if len(self.head_sizes) > 1 else None)
             self._attention[key] = (kernel, pad)
             self.attention_choice[key] = attention_label(kernel, pad)
         return self._attention[key]
