@@ -8,6 +8,18 @@ on 2026-11-27, see benchmarks/results/):
     PYTHONUNBUFFERED=1 timeout 470 python3 benchmarks/gpu_check.py --budget 440 --out $OUT \
         --skip golden "plain path" "batch 64" 2>&1 | tee $OUT/gpu_check.log
 
+With FlashAttention-4 carried along, the attention table and the variants time it too. Here, once:
+`bash benchmarks/fa4_carry.sh` (writes .fa4a/ and .fa4b/, too big for one call together). There, two calls
+back to back on one warm machine: call 1 with carry [".fa4a"]:
+    mkdir -p .fa4site && tar -xJf .fa4a/ir.tar.xz -C .fa4site && du -sh .fa4site
+then at once call 2 with carry [".fa4b"]:
+    tar -xJf .fa4b/rest.tar.xz -C .fa4site; export TVM_FFI_DISABLE_TORCH_C_DLPACK=1 \
+        PYTHONPATH=$PWD/.fa4site:$PWD/.fa4site/nvidia_cutlass_dsl/dsl_packages; PYTHONUNBUFFERED=1 timeout 450 \
+        python3 benchmarks/gpu_check.py --budget 420 --out $OUT --skip golden "plain path" "batch 64" 2>&1 \
+        | tee $OUT/gpu_check.log
+(if call 2 lands on a fresh machine, .fa4site is missing, flash_attn.cute is not found, and the run goes on
+without it).
+
 Sections, each under its own header, each skipped when the time left is short and never stopping the run
 when it fails: environment; bf16 matmul peak; self-attention kernels at every stage's shape (unpadded and
 at padded head sizes); the block's matrix products at 256 px and the GELU epilogue; the golden tiny model on
@@ -142,12 +154,31 @@ def sync(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- sections
+def package_version(name: str) -> str | None:
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment(check: Check, device: torch.device) -> None:
     from torch.nn.attention import SDPBackend
+
+    from pixelflow import fast
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
             "triton": __import__("triton").__version__ if has_module("triton") else None,
-            "flash_attn": has_module("flash_attn"), "omegaconf": has_module("omegaconf"), "device": str(device)}
+            "flash_attn 2": fast.kernel_installed("flash_attn"), "flash_attn_4": package_version("flash-attn-4"),
+            "nvidia-cutlass-dsl": package_version("nvidia-cutlass-dsl"),
+            "omegaconf": has_module("omegaconf"), "device": str(device)}
+    if fast.kernel_installed("fa4"):  # its import loads the CuTe-DSL compiler: seconds, paid once per process
+        t0 = time.perf_counter()
+        try:
+            __import__("flash_attn.cute")
+            info["flash_attn_4 import s"] = round(time.perf_counter() - t0, 1)
+        except Exception as e:  # noqa: BLE001 - reported; the attention table then shows it failing per call
+            info["flash_attn_4 import"] = f"FAILED {type(e).__name__}: {str(e)[:200]}"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
@@ -182,29 +213,32 @@ def attention_kernels(check: Check, device: torch.device, model, batch: int, res
     """Every exact kernel at every stage's shape, unpadded and at each head size the fast path may pad to."""
     from pixelflow import fast
     rows = []
+    cuda = device.type == "cuda"
     pads = fast.head_sizes(model.attention_head_dim, "auto")
     for stage in range(4):
         side = (resolution >> (3 - stage)) // model.patch_size
         b = batch if stage == 0 else 2 * batch
         seq = side * side
         args = (b, seq, model.num_attention_heads, model.attention_head_dim, torch.bfloat16, device)
-        results = fast.measure_attention(*args, pads=pads)
+        graphed = b * seq <= fast.FastOptions.graph_max_tokens  # as the fast path replays these stages
+        results = fast.measure_attention(*args, pads=pads, graphed=graphed)
         # What the fast path's auto choice compares: with the padding and the output projection around it.
-        with_proj = fast.measure_attention(*args, pads=pads, out_dim=model.hidden_size)
+        with_proj = fast.measure_attention(*args, pads=pads, out_dim=model.hidden_size, graphed=graphed)
         flops = 4 * b * seq * seq * model.num_attention_heads * model.attention_head_dim  # unpadded: useful work
         for label, r in results.items():
             tflops = flops / r["seconds"] / 1e12 if r["seconds"] else None
-            rows.append(dict(stage=stage, batch=b, seq=seq, label=label, **r, tflops=tflops,
+            rows.append(dict(stage=stage, batch=b, seq=seq, label=label, **r, tflops=tflops, graphed=graphed,
                              seconds_with_proj=with_proj[label]["seconds"]))
     print("| stage | batch | tokens | kernel@head size | ms | useful TFLOP/s | ms with pad + o_proj | "
-          "max err vs fp32 | error |")
-    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |")
+          "max err vs fp32 | (B, L, H, d) out contiguous | timed in a CUDA graph | error |")
+    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | --- |")
     ms = lambda v: f"{1e3 * v:.3f}" if v else "-"  # noqa: E731
     for r in rows:
         tf = f"{r['tflops']:.0f}" if r["tflops"] else "-"
         err = f"{r['max_err']:.2e}" if r["max_err"] is not None else "-"
         print(f"| {r['stage']} | {r['batch']} | {r['seq']} | {r['label']} | {ms(r['seconds'])} | {tf} | "
-              f"{ms(r['seconds_with_proj'])} | {err} | {r['error'] or ''} |")
+              f"{ms(r['seconds_with_proj'])} | {err} | {r['contiguous']} | {r['graphed'] and cuda} | "
+              f"{r['error'] or ''} |")
     for stage in range(4):
         for key, what in (("seconds", "kernel alone"), ("seconds_with_proj", "with pad + o_proj (auto's pick)")):
             timed = [r for r in rows if r["stage"] == stage and r[key]]
@@ -271,8 +305,9 @@ def forward_variants(check: Check, pipe, batch: int, resolution: int, guidance: 
     t = torch.full((rows,), 500.0, device=device)
     labels = torch.randint(0, model.num_classes, (rows,), generator=gen, device=device)
     flops = bench.forward_flops(model, rows, resolution, resolution)
-    print("| variant | compile s | ms/forward | TFLOP/s | attention | max abs vs default |")
-    print("| --- | ---: | ---: | ---: | --- | ---: |")
+    print("| variant | compile s | ms/forward | TFLOP/s | attention | max abs vs default | graph failures | "
+          "compile fallbacks |")
+    print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     reference, timed = None, {}
     for name, switches, need in variants:
         if check.left() < need:
@@ -293,11 +328,12 @@ def forward_variants(check: Check, pipe, batch: int, resolution: int, guidance: 
             diff = max_abs(out, reference)
             kernel = ", ".join(sorted(set(den.attention_choice.values())))
             timed[name] = (seconds, switches)
+            status = den.status()  # a kernel that cannot be captured or compiled shows here, not only as time
             print(f"| {name} | {compile_s:.1f} | {1e3 * seconds:.1f} | {flops / seconds / 1e12:.1f} | {kernel} | "
-                  f"{diff:.3e} |", flush=True)
+                  f"{diff:.3e} | {status['graph_failures']} | {status['compile_fallbacks']} |", flush=True)
             check.results.setdefault("forward_variants", []).append(
                 dict(name=name, switches=switches, compile_s=compile_s, seconds=seconds,
-                     tflops=flops / seconds / 1e12, attention=kernel, max_abs_vs_default=diff))
+                     tflops=flops / seconds / 1e12, attention=kernel, max_abs_vs_default=diff, status=status))
             den = out = None  # frees this variant's weights before the next is built
         except Exception as e:  # one variant failing says something, but must not end the others
             print(f"| {name} | FAILED: {type(e).__name__}: {str(e)[:200]} | | | | |", flush=True)
@@ -563,10 +599,13 @@ def main(argv=None) -> None:
     autotune = "max-autotune-no-cudagraphs"
     variants = [("default (all auto)", {}, 20), ("fused_gelu=False", dict(fused_gelu=False), 20),
                 ("head_pad=0", dict(head_pad=0), 20),
-                ("fused_gelu=False head_pad=0 (stop 8's path)", dict(fused_gelu=False, head_pad=0), 20),
-                (f"compile_mode={autotune}", dict(compile_mode=autotune), 240 if cuda else 10),
-                (f"compile_mode={autotune} fused_gelu=False", dict(compile_mode=autotune, fused_gelu=False),
-                 240 if cuda else 10)]
+                ("fused_gelu=False head_pad=0 (stop 8's path)", dict(fused_gelu=False, head_pad=0), 20)]
+    if cuda and fast.kernel_installed("fa4"):  # FlashAttention-4 against PyTorch's best, whatever auto picked
+        variants += [("attention=fa4", dict(attention="fa4", head_pad=0), 20),
+                     ("attention=cudnn head_pad=0", dict(attention="cudnn", head_pad=0), 20)]
+    variants += [(f"compile_mode={autotune}", dict(compile_mode=autotune), 240 if cuda else 10),
+                 (f"compile_mode={autotune} fused_gelu=False", dict(compile_mode=autotune, fused_gelu=False),
+                  240 if cuda else 10)]
     variants = [(name, {**fast_switches, **switches}, need) for name, switches, need in variants]
     best_switches = None
     with check.section(f"fast-path variants: one {resolution} px forward each", 40) as ok:

@@ -16,8 +16,8 @@ Switches (FastOptions; "auto" resolves per device: everything on for CUDA, nothi
                LayerNorm + modulation, RMSNorm + RoPE of q/k and the gates/residuals run in a few kernels,
                computing in float32 in registers without float32 round trips through memory.
   attention    self-attention kernel: "auto" measures PyTorch's exact fused kernels (cuDNN, flash,
-               memory-efficient) and flash-attn when installed once per shape and keeps the fastest whose output
-               matches a float32 reference.
+               memory-efficient), and flash-attn 2 and FlashAttention-4 when installed, once per shape and keeps
+               the fastest whose output matches a float32 reference.
   head_pad     run attention at a larger head size: q, k, v get zero channels (which add exactly nothing to
                q.k), the softmax scale stays 1/sqrt(head_dim), and o_proj reads the padded output through
                zero weight columns. Kernels are tuned for some head sizes (64, 128) more than for XL's 72;
@@ -50,8 +50,13 @@ from .model.embeddings import apply_rope
 from .model.pixelflow_model import LAYER_NORM_EPS
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-ATTENTION_KERNELS = ("auto", "default", "cudnn", "flash", "efficient", "math", "flash_attn")
+ATTENTION_KERNELS = ("auto", "default", "cudnn", "flash", "efficient", "math", "flash_attn", "fa4")
 _SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
+_CUDA_KERNELS = ("cudnn", "flash", "efficient", "flash_attn", "fa4")
+# The modules the kernels outside PyTorch come from: flash-attn 2 (`pip install flash-attn`) and FlashAttention-4
+# (`pip install flash-attn-4`, the CuTe-DSL kernels; its Hopper forward takes any head size that is a multiple
+# of 8, XL's 72 included). Both install under the name flash_attn, so each is told by its own submodule.
+_KERNEL_MODULES = {"flash_attn": "flash_attn.flash_attn_interface", "fa4": "flash_attn.cute"}
 ATTENTION_CHECK_ATOL = 3e-2  # an auto-picked kernel must match a float32 reference this closely (bf16 rounding)
 
 
@@ -91,16 +96,21 @@ class FastOptions:
             if resolved.cuda_graphs:
                 raise ValueError(f"cuda_graphs={self.cuda_graphs!r} needs a CUDA model, got device {device}; "
                                  "pass cuda_graphs=False")
-            if resolved.attention in ("cudnn", "flash", "efficient", "flash_attn"):
+            if resolved.attention in _CUDA_KERNELS:
                 raise ValueError(f"attention={self.attention!r} needs a CUDA model, got device {device}; "
                                  "use 'default' or 'math'")
             if resolved.attention == "auto":
                 resolved = replace(resolved, attention="default")
         if resolved.head_pad == "auto" and resolved.attention != "auto":
             resolved = replace(resolved, head_pad=0)  # only a measured choice pads by itself
-        if resolved.attention == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
-            raise ValueError("attention='flash_attn' asked for, but flash-attn is not installed "
-                             "(pip install flash-attn, or use attention='auto')")
+        if resolved.attention in _KERNEL_MODULES:
+            if resolved.precision == "fp32":
+                raise ValueError(f"attention={resolved.attention!r} runs in bf16 or fp16 only, got precision='fp32' "
+                                 "(use precision='bf16', or attention='auto')")
+            if not kernel_installed(resolved.attention):
+                package = {"flash_attn": "flash-attn", "fa4": "flash-attn-4"}[resolved.attention]
+                raise ValueError(f"attention={resolved.attention!r} asked for, but {package} is not installed or "
+                                 f"does not import (pip install {package}, or use attention='auto')")
         return resolved
 
     def _check(self) -> None:
@@ -167,9 +177,11 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str,
             mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """q (B, Lq, H, d), k/v (B, Lk, H, d) -> (B, Lq, H, d). kernel "flash_attn" calls flash-attn; any other
-    goes through scaled_dot_product_attention (the SDPA backend is chosen around the call). scale: the softmax
-    scale, 1/sqrt(d) when None."""
+    """q (B, Lq, H, d), k/v (B, Lk, H, d) -> (B, Lq, H, d). kernel "flash_attn" calls flash-attn 2, "fa4"
+    FlashAttention-4; any other goes through scaled_dot_product_attention (the SDPA backend is chosen around
+    the call). scale: the softmax scale, 1/sqrt(d) when None."""
+    if kernel == "fa4" and mask is None:
+        return fa4_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
     if kernel == "flash_attn" and mask is None:
         from flash_attn import flash_attn_func
         return flash_attn_func(q, k, v, softmax_scale=scale)
@@ -242,6 +254,39 @@ def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dic
     h = torch.addcmul(shift2[:, None], _rms(x, w["norm3"], spec[2]), 1 + scale2[:, None]).to(x.dtype)
     h = _mlp(h, w, spec[5])
     return x + (h * gate2[:, None]).to(x.dtype)
+
+
+_IMPORTABLE: dict[str, bool] = {}
+
+
+def kernel_installed(kernel: str) -> bool:
+    """Whether the package an attention kernel outside PyTorch comes from imports and has flash_attn_func
+    (True for SDPA's kernels). Cached: FA4's import loads its compiler, seconds."""
+    module = _KERNEL_MODULES.get(kernel)
+    if module is None:
+        return True
+    if kernel not in _IMPORTABLE:
+        try:
+            _IMPORTABLE[kernel] = hasattr(importlib.import_module(module), "flash_attn_func")
+        except Exception:  # noqa: BLE001 - missing or broken (flash-attn 2.8 ships an older flash_attn/cute
+            _IMPORTABLE[kernel] = False  # that fails to import under a current cutlass-dsl): not a candidate
+    return _IMPORTABLE[kernel]
+
+
+@torch.library.custom_op("pixelflow::fa4_attention", mutates_args=())
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """FlashAttention-4's forward: q (B, Lq, H, d), k/v (B, Lk, H, d) -> (B, Lq, H, d), softmax scale `scale`.
+    An opaque operator: torch.compile calls it as it is instead of tracing into the kernel library, and its
+    just-in-time compilation happens on the first call (before any CUDA graph capture: see FastDenoiser)."""
+    from flash_attn.cute import flash_attn_func
+    out = flash_attn_func(q, k, v, softmax_scale=scale)
+    out = out[0] if isinstance(out, tuple) else out  # (out, lse) in the 4.0 betas
+    return out.contiguous()  # as the fake promises (the kernel's output already is: no copy)
+
+
+@fa4_attention.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------- fused GELU
@@ -335,11 +380,23 @@ def sdpa_context(kernel: str, strict: bool = False):
     return sdpa_kernel([first, *rest], set_priority=True)
 
 
-def median_seconds(fn, device: torch.device | str, reps: int = 5, warmup: int = 2) -> float:
-    """Median seconds of fn(): CUDA events on a CUDA device, the wall clock elsewhere (tests on the CPU)."""
+def median_seconds(fn, device: torch.device | str, reps: int = 5, warmup: int = 2, graph: bool = False) -> float:
+    """Median seconds of fn(): CUDA events on a CUDA device, the wall clock elsewhere (tests on the CPU).
+
+    graph (CUDA): time fn captured in a CUDA graph, without the host's launch overhead, as a forward that
+    replays a graph pays it; if fn cannot be captured, fn itself, as such a forward would run it.
+    """
     for _ in range(warmup):
         fn()
     times = []
+    if graph and torch.device(device).type == "cuda":
+        captured = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(captured):
+                fn()
+            fn = captured.replay
+        except Exception:  # noqa: BLE001 - not capturable: timed eagerly below
+            pass
     if torch.device(device).type != "cuda":
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -373,17 +430,20 @@ def attention_label(kernel: str, pad: int) -> str:
 
 def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype,
                       device: torch.device | str, kernels: tuple[str, ...] | None = None,
-                      pads: tuple[int, ...] = (0,), out_dim: int | None = None) -> dict[str, dict]:
+                      pads: tuple[int, ...] = (0,), out_dim: int | None = None,
+                      graphed: bool = False) -> dict[str, dict]:
     """Time each exact self-attention kernel on random (batch, seq, heads, head_dim) inputs (CUDA), at each
     head size in `pads` (0: unpadded).
 
     out_dim: also time what padding costs around the kernel (padding q, k, v and the output projection to
     out_dim, whose input widens with the pad), for every candidate alike: what the forward pays.
+    graphed: time inside CUDA graphs, for shapes the fast path replays as graphs (see median_seconds).
     Returns {label: {"kernel", "pad", "seconds": median time or None, "max_err": vs a float32 reference on the
-    first image, "error": why it could not run}}; label is attention_label(kernel, pad).
+    first image, "error": why it could not run, "contiguous": whether the (B, L, H, d) output is laid out so
+    (False: flattening the heads for o_proj copies it)}}; label is attention_label(kernel, pad).
     """
     if kernels is None:
-        kernels = ("cudnn", "flash", "efficient") + (("flash_attn",) if importlib.util.find_spec("flash_attn") else ())
+        kernels = tuple(k for k in ("cudnn", "flash", "efficient", "flash_attn", "fa4") if kernel_installed(k))
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(3))
     no_autocast = torch.autocast(torch.device(device).type, enabled=False)  # a caller's autocast must not recast
@@ -405,28 +465,32 @@ def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: to
             return F.linear(attend(kernel).flatten(-2), w)
 
         for kernel in kernels:
+            if kernel == "fa4" and pad and 0 in pads and head_dim % 8 == 0:
+                continue  # it takes the head size as it is, and each size costs a just-in-time compile
             label = attention_label(kernel, pad)
             call = (lambda: attend(kernel)) if o_w is None else (lambda: attend_project(kernel))  # noqa: E731
             try:
                 with no_autocast, sdpa_context(kernel, strict=True):
-                    out = attend(kernel)[..., :head_dim]
-                    err = (out[:1].float() - ref).abs().max().item()
-                    seconds = median_seconds(call, device) if err <= ATTENTION_CHECK_ATOL else None
+                    full = attend(kernel)
+                    err = (full[:1, ..., :head_dim].float() - ref).abs().max().item()
+                    seconds = median_seconds(call, device, graph=graphed) if err <= ATTENTION_CHECK_ATOL else None
                 results[label] = {"kernel": kernel, "pad": pad, "seconds": seconds, "max_err": err,
-                                  "error": None if seconds else "inexact"}
+                                  "error": None if seconds else "inexact",
+                                  "contiguous": full.is_contiguous()}  # False: o_proj's flatten copies it
             except Exception as e:  # a kernel that cannot take this shape/dtype/device is not a candidate
                 results[label] = {"kernel": kernel, "pad": pad, "seconds": None, "max_err": None,
-                                  "error": f"{type(e).__name__}: {str(e)[:120]}"}
+                                  "error": f"{type(e).__name__}: {str(e)[:120]}", "contiguous": None}
     return results
 
 
 def pick_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype,
                    device: torch.device | str, pads: tuple[int, ...] = (0,),
-                   out_dim: int | None = None) -> tuple[str, int]:
+                   out_dim: int | None = None, graphed: bool = False) -> tuple[str, int]:
     """The fastest exact self-attention (kernel, head size or 0) for this shape (("default", 0) if none could
     be timed). out_dim: time the candidates with their padding and output projection (see measure_attention),
     which is what decides between head sizes."""
-    results = measure_attention(batch, seq, heads, head_dim, dtype, device, pads=pads, out_dim=out_dim)
+    results = measure_attention(batch, seq, heads, head_dim, dtype, device, pads=pads, out_dim=out_dim,
+                                graphed=graphed)
     timed = {k: r["seconds"] for k, r in results.items() if r["seconds"]}
     if not timed:
         return "default", 0
@@ -578,7 +642,8 @@ class FastDenoiser:
                 m = self.model
                 kernel, pad = pick_attention(batch, seq, m.num_attention_heads, m.attention_head_dim,
                                              self.weight_dtype, self.device, pads=self.head_sizes,
-                                             out_dim=m.hidden_size if len(self.head_sizes) > 1 else None)
+                                             out_dim=m.hidden_size if len(self.head_sizes) > 1 else None,
+                                             graphed=batch * seq <= self.graph_max_tokens)
             self._attention[key] = (kernel, pad)
             self.attention_choice[key] = attention_label(kernel, pad)
         return self._attention[key]

@@ -172,10 +172,114 @@ def test_attention_measurement_times_padding_and_projection():
     assert set(results) == {"math", "math@16", "math@32"}
     for label, r in results.items():
         assert r["error"] is None and r["seconds"] > 0 and r["max_err"] < 1e-5, (label, r)
+        assert r["contiguous"] is False, (label, r)  # SDPA's (B, H, L, d) output seen as (B, L, H, d)
     measured = fast.measure_attention(2, 16, 3, 12, torch.float32, "cpu", pads=(0, 16), out_dim=36)
     exact = {(r["kernel"], r["pad"]) for r in measured.values() if r["seconds"]}
     assert exact, measured  # PyTorch's CPU flash kernel at least
     assert fast.pick_attention(2, 16, 3, 12, torch.float32, "cpu", pads=(0, 16)) in exact
+
+
+# A stand-in for FlashAttention-4: flash_attn/cute/ with flash_attn_func(q, k, v, softmax_scale=...) -> (out, lse)
+# on (B, L, H, d) tensors, as the real one. It attends with SDPA and records its calls. Its flash_attn/ is a
+# regular package placed first on sys.path, so that an installed flash-attn 2 cannot hide it.
+FA4_STAND_IN = """
+import torch
+
+calls = []
+
+
+def flash_attn_func(q, k, v, softmax_scale=None, **ignored):
+    calls.append((tuple(q.shape), softmax_scale, q.dtype))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale)
+    return out.transpose(1, 2), None  # not contiguous, unlike the kernel's output: the op must not care
+"""
+
+
+def _without_flash_attn_modules(monkeypatch):
+    """Hides imported flash_attn modules for this test; monkeypatch puts them back after it."""
+    for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(fast, "_IMPORTABLE", {})
+
+
+@pytest.fixture
+def fa4_stand_in(tmp_path, monkeypatch):
+    package = tmp_path / "flash_attn" / "cute"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    (package / "__init__.py").write_text(FA4_STAND_IN)
+    _without_flash_attn_modules(monkeypatch)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+        del sys.modules[name]  # the stand-in's; monkeypatch then restores any that were there before
+
+
+def test_fa4_is_found_only_when_installed(fa4_stand_in):
+    assert fast.kernel_installed("fa4")
+    assert not fast.kernel_installed("flash_attn")  # FA4's package is not flash-attn 2
+    assert fast.kernel_installed("cudnn")
+    with pytest.raises(ValueError, match="attention='fa4' needs a CUDA model"):
+        fast.FastOptions(attention="fa4").resolve("cpu")
+    assert fast.FastOptions(attention="fa4").resolve("cuda").attention == "fa4"
+    with pytest.raises(ValueError, match="attention='fa4' runs in bf16 or fp16 only, got precision='fp32'"):
+        fast.FastOptions(attention="fa4", precision="fp32").resolve("cuda")
+
+
+def test_fa4_missing_or_broken_is_named(monkeypatch, tmp_path):
+    _without_flash_attn_modules(monkeypatch)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed, whatever this machine has
+    assert not fast.kernel_installed("fa4") and not fast.kernel_installed("flash_attn")
+    with pytest.raises(ValueError, match="flash-attn-4 is not installed or does not import"):
+        fast.FastOptions(attention="fa4").resolve("cuda")
+    # Installed but failing at import (as flash-attn 2.8's older flash_attn/cute under a newer cutlass-dsl):
+    broken = tmp_path / "flash_attn" / "cute"
+    broken.mkdir(parents=True)
+    (broken.parent / "__init__.py").write_text("")
+    (broken / "__init__.py").write_text("raise AttributeError('module cutlass has no attribute Float32')\n")
+    _without_flash_attn_modules(monkeypatch)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not fast.kernel_installed("fa4")
+    results = fast.measure_attention(2, 16, 3, 16, torch.float32, "cpu")
+    assert "fa4" not in results and results  # not a candidate; the others still measured
+    for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+        del sys.modules[name]
+
+
+def test_fa4_kernel_is_exact_attention_and_one_compiled_region(fa4_stand_in, pipe):
+    """Through the stand-in: FA4's layout (no transposes), the softmax scale at padded heads, the opaque op in
+    a fullgraph compile, the auto measurement (unpadded only), and a whole forward equal to the model."""
+    import flash_attn.cute as stand_in
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 10, 3, 16, generator=gen) for _ in range(3))
+    expected = fast._attend(q, k, v, "sdpa")
+    assert max_abs(fast._attend(q, k, v, "fa4"), expected) < 1e-6
+    padded = fast._attend(*(fast.pad_heads(t, 32) for t in (q, k, v)), "fa4", scale=16 ** -0.5)
+    assert max_abs(padded[..., :16], expected) < 1e-6 and torch.all(padded[..., 16:] == 0)
+    assert [c[:2] for c in stand_in.calls] == [((2, 10, 3, 16), 0.25), ((2, 10, 3, 32), 0.25)]
+
+    results = fast.measure_attention(2, 16, 3, 16, torch.float32, "cpu", pads=(0, 32))
+    assert "fa4" in results and "fa4@32" not in results  # any multiple of 8 as it is: no padded compiles
+    assert results["fa4"]["error"] is None and results["fa4"]["max_err"] < 1e-5
+    assert results["fa4"]["contiguous"] is True  # heads flatten for o_proj without a copy
+
+    model = pipe.model
+    options = fast.FastOptions(precision="keep", merge_qkv=True, merge_adaln=True, compile=True,
+                               compile_backend="aot_eager", attention="fa4", head_pad=0, fused_gelu=False,
+                               cuda_graphs=False)
+    torch._dynamo.reset()
+    den = fast.FastDenoiser(model, options)
+    x, t, labels = forward_inputs()
+    stand_in.calls.clear()
+    with torch.no_grad():
+        out = den(x, t, class_labels=labels)
+        assert max_abs(out, model(x, t, class_labels=labels)) < EXACT_ATOL
+    assert stand_in.calls and all(c[0][2:] == (model.num_attention_heads, model.attention_head_dim)
+                                  for c in stand_in.calls)
+    tokens = (x.shape[-1] // model.patch_size) ** 2
+    assert den.attention_choice == {(3, tokens): "fa4"} and den.status()["compiled_shapes"] == 1
 
 
 def test_gelu_epilogue_check_tells_tanh_from_erf(monkeypatch):
