@@ -196,24 +196,36 @@ def flash_attn_func(q, k, v, softmax_scale=None, **ignored):
 """
 
 
+def _flash_attn_modules() -> list[str]:
+    return [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]
+
+
 def _without_flash_attn_modules(monkeypatch):
     """Hides imported flash_attn modules for this test; monkeypatch puts them back after it."""
-    for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+    for name in _flash_attn_modules():
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(fast, "_IMPORTABLE", {})
 
 
 @pytest.fixture
-def fa4_stand_in(tmp_path, monkeypatch):
-    package = tmp_path / "flash_attn" / "cute"
-    package.mkdir(parents=True)
-    (package.parent / "__init__.py").write_text("")
-    (package / "__init__.py").write_text(FA4_STAND_IN)
-    _without_flash_attn_modules(monkeypatch)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield
-    for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
-        del sys.modules[name]  # the stand-in's; monkeypatch then restores any that were there before
+def install_flash_attn(tmp_path, monkeypatch):
+    """install(cute_source): a package flash_attn/cute/ with that __init__.py, first on sys.path, for this test."""
+    def install(cute_source: str) -> None:
+        package = tmp_path / "flash_attn" / "cute"
+        package.mkdir(parents=True)
+        (package.parent / "__init__.py").write_text("")
+        (package / "__init__.py").write_text(cute_source)
+        _without_flash_attn_modules(monkeypatch)
+        monkeypatch.syspath_prepend(str(tmp_path))
+
+    yield install
+    for name in _flash_attn_modules():
+        del sys.modules[name]  # the installed package's; monkeypatch then restores any that were there before
+
+
+@pytest.fixture
+def fa4_stand_in(install_flash_attn):
+    install_flash_attn(FA4_STAND_IN)
 
 
 def test_fa4_is_found_only_when_installed(fa4_stand_in):
@@ -227,24 +239,17 @@ def test_fa4_is_found_only_when_installed(fa4_stand_in):
         fast.FastOptions(attention="fa4", precision="fp32").resolve("cuda")
 
 
-def test_fa4_missing_or_broken_is_named(monkeypatch, tmp_path):
+def test_fa4_missing_or_broken_is_named(monkeypatch, install_flash_attn):
     _without_flash_attn_modules(monkeypatch)
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed, whatever this machine has
     assert not fast.kernel_installed("fa4") and not fast.kernel_installed("flash_attn")
     with pytest.raises(ValueError, match="flash-attn-4 is not installed or does not import"):
         fast.FastOptions(attention="fa4").resolve("cuda")
     # Installed but failing at import (as flash-attn 2.8's older flash_attn/cute under a newer cutlass-dsl):
-    broken = tmp_path / "flash_attn" / "cute"
-    broken.mkdir(parents=True)
-    (broken.parent / "__init__.py").write_text("")
-    (broken / "__init__.py").write_text("raise AttributeError('module cutlass has no attribute Float32')\n")
-    _without_flash_attn_modules(monkeypatch)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_flash_attn("raise AttributeError('module cutlass has no attribute Float32')\n")
     assert not fast.kernel_installed("fa4")
     results = fast.measure_attention(2, 16, 3, 16, torch.float32, "cpu")
     assert "fa4" not in results and results  # not a candidate; the others still measured
-    for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
-        del sys.modules[name]
 
 
 def test_fa4_kernel_is_exact_attention_and_one_compiled_region(fa4_stand_in, pipe):
