@@ -12,9 +12,10 @@ Switches (FastOptions; "auto" resolves per device: everything on for CUDA, nothi
   merge_qkv    q, k, v projections as one matmul (k, v for cross-attention), weights concatenated once.
   merge_adaln  every block's adaLN modulation Linear(SiLU(c)) as one matmul: c is the same for all blocks.
   compile      torch.compile of one transformer block (a regional compile: the 28 blocks share one compiled
-               region, recompiled once per input shape unless compile_dynamic). Fuses the elementwise work:
-               LayerNorm + modulation, RMSNorm + RoPE of q/k and the gates/residuals run in a few kernels,
-               computing in float32 in registers without float32 round trips through memory.
+               region, recompiled once per input shape unless compile_dynamic). Fuses the elementwise work
+               (the gates and residuals with the RMSNorm before the MLP; without fused_norms also LayerNorm +
+               modulation and RMSNorm + RoPE of q/k) into a few kernels, computing in float32 in registers
+               without float32 round trips through memory.
   attention    self-attention kernel: "auto" measures PyTorch's exact fused kernels (cuDNN, flash,
                memory-efficient), and flash-attn 2 and FlashAttention-4 when installed, once per shape and keeps
                the fastest whose output matches a float32 reference.
@@ -25,6 +26,10 @@ Switches (FastOptions; "auto" resolves per device: everything on for CUDA, nothi
   fused_gelu   MLP fc1 + bias + tanh-GELU as one cuBLASLt GEMM with a GELU epilogue (CUDA): the 4D-wide
                hidden activation is written once instead of written, read and written again. Used only
                after a check on the device that the epilogue is the tanh GELU the model uses.
+  fused_norms  Triton kernels (pixelflow/norm_kernels.py) for RMSNorm + RoPE of q and k and for LayerNorm +
+               adaLN modulation: one read and one write per token, where inductor's kernels for them ran at a
+               fifth and a third of memory speed. "auto": on for CUDA when Triton imports; used only after
+               a check on the device that both compile, run and match their references.
   cuda_graphs  capture whole forwards as CUDA graphs, replayed per call: removes launch overhead where the
                work per launch is small (the coarse stages). "auto": forwards of at most graph_max_tokens tokens.
 
@@ -46,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import norm_kernels
 from .model.embeddings import apply_rope
 from .model.pixelflow_model import LAYER_NORM_EPS
 
@@ -74,6 +80,7 @@ class FastOptions:
     attention: str = "auto"            # one of ATTENTION_KERNELS
     head_pad: int | str = "auto"       # 0: no padding; n: attend at head size n (>= head_dim); "auto": measured
     fused_gelu: bool | str = "auto"
+    fused_norms: bool | str = "auto"   # on the CPU (True) the operators run the reference formulas
     cuda_graphs: bool | str = "auto"   # True: every shape; "auto": forwards of at most graph_max_tokens tokens
     graph_max_tokens: int = 16384
 
@@ -89,6 +96,7 @@ class FastOptions:
             merge_adaln=auto(self.merge_adaln, cuda),
             compile=auto(self.compile, cuda),
             fused_gelu=auto(self.fused_gelu, cuda),
+            fused_norms=auto(self.fused_norms, cuda and norm_kernels.available()),
             attention=auto(self.attention, "auto" if cuda else "default"),
             cuda_graphs=self.cuda_graphs if cuda else (False if self.cuda_graphs == "auto" else self.cuda_graphs),
         )
@@ -117,7 +125,7 @@ class FastOptions:
         if self.precision not in ("auto", "keep", *PRECISIONS):
             raise ValueError(f"precision must be one of 'auto', 'keep', {', '.join(map(repr, PRECISIONS))}; "
                              f"got {self.precision!r}")
-        for name in ("merge_qkv", "merge_adaln", "compile", "fused_gelu"):
+        for name in ("merge_qkv", "merge_adaln", "compile", "fused_gelu", "fused_norms"):
             value = getattr(self, name)
             if value not in (True, False, "auto"):
                 raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
@@ -137,7 +145,7 @@ class FastOptions:
     def is_plain(self) -> bool:
         """True when a resolved set of options changes nothing but the precision."""
         return not (self.merge_qkv or self.merge_adaln or self.compile or self.cuda_graphs or self.fused_gelu
-                    or self.head_pad) and self.attention == "default"
+                    or self.fused_norms or self.head_pad) and self.attention == "default"
 
 
 def accelerate(pipe, options: FastOptions | None = None, **switches: Any):
@@ -195,14 +203,22 @@ def pad_heads(t: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(t, (0, size - t.shape[-1]))
 
 
+def _rms_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, spec: tuple) -> torch.Tensor:
+    """RMSNorm then RoPE: (B, N, H*d) -> (B, N, H, d); one Triton kernel with fused_norms."""
+    heads, head_dim, eps = spec[:3]
+    if spec[6]:
+        return norm_kernels.rms_rope(x, weight, rope, heads, eps)
+    return apply_rope(_rms(x, weight, eps).unflatten(-1, (heads, head_dim)), rope)
+
+
 def _self_attention(h: torch.Tensor, rope: torch.Tensor, w: dict, spec: tuple) -> torch.Tensor:
-    heads, head_dim, eps, kernel, pad, _ = spec
+    heads, head_dim, eps, kernel, pad = spec[:5]
     if "qkv_w" in w:
         q, k, v = F.linear(h, w["qkv_w"], w["qkv_b"]).chunk(3, dim=-1)
     else:
         q, k, v = F.linear(h, w["q_w"], w["q_b"]), F.linear(h, w["k_w"], w["k_b"]), F.linear(h, w["v_w"], w["v_b"])
-    q = apply_rope(_rms(q, w["q_norm"], eps).unflatten(-1, (heads, head_dim)), rope)
-    k = apply_rope(_rms(k, w["k_norm"], eps).unflatten(-1, (heads, head_dim)), rope)
+    q = _rms_rope(q, w["q_norm"], rope, spec)
+    k = _rms_rope(k, w["k_norm"], rope, spec)
     v = v.unflatten(-1, (heads, head_dim))
     if not pad:
         return F.linear(_attend(q, k, v, kernel).flatten(-2), w["o_w"], w["o_b"])
@@ -222,7 +238,7 @@ def _cross_attention(h: torch.Tensor, rope: torch.Tensor, context: torch.Tensor,
         k, v = F.linear(context, w["xkv_w"], w["xkv_b"]).chunk(2, dim=-1)
     else:
         k, v = F.linear(context, w["xk_w"], w["xk_b"]), F.linear(context, w["xv_w"], w["xv_b"])
-    q = apply_rope(_rms(q, w["xq_norm"], eps).unflatten(-1, (heads, head_dim)), rope)
+    q = _rms_rope(q, w["xq_norm"], rope, spec)
     k = _rms(k, w["xk_norm"], eps).unflatten(-1, (heads, head_dim))
     out = _attend(q, k, v.unflatten(-1, (heads, head_dim)), "sdpa", mask)
     return F.linear(out.flatten(-2), w["xo_w"], w["xo_b"])
@@ -243,11 +259,15 @@ def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dic
 
     x: (B, N, D); mod: (B, 6, D) float32 adaLN outputs (shift1, scale1, gate1, shift2, scale2, gate2);
     rope: (N, head_dim, 2) float32; spec: (heads, head_dim, rms eps, attention kernel, attention head size or 0,
-    fused_gelu).
+    fused_gelu, fused_norms).
     """
     shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
-    h = F.layer_norm(x, (x.shape[-1],), eps=LAYER_NORM_EPS)
-    h = _self_attention(torch.addcmul(shift1[:, None], h, 1 + scale1[:, None]).to(x.dtype), rope, w, spec)
+    if spec[6]:
+        h = norm_kernels.layer_norm_modulate(x, shift1, scale1, LAYER_NORM_EPS)
+    else:
+        h = F.layer_norm(x, (x.shape[-1],), eps=LAYER_NORM_EPS)
+        h = torch.addcmul(shift1[:, None], h, 1 + scale1[:, None]).to(x.dtype)
+    h = _self_attention(h, rope, w, spec)
     x = x + (h * gate1[:, None]).to(x.dtype)
     if context is not None:
         x = x + _cross_attention(_rms(x, w["norm2"], spec[2]), rope, context, context_mask, w, spec)
@@ -509,7 +529,8 @@ class FastDenoiser:
     """
 
     def __init__(self, model: torch.nn.Module, options: FastOptions, autocast_dtype: torch.dtype | None = None):
-        if options.precision == "auto" or "auto" in (options.merge_qkv, options.merge_adaln, options.compile):
+        if options.precision == "auto" or "auto" in (options.merge_qkv, options.merge_adaln, options.compile,
+                                                     options.fused_gelu, options.fused_norms):
             raise ValueError("FastDenoiser needs resolved options: pass options.resolve(device)")
         self.model = model
         self.options = options
@@ -527,6 +548,13 @@ class FastDenoiser:
                                                                                        self.weight_dtype):
             warnings.warn(f"the GEMM GELU epilogue on {self.device} ({self.weight_dtype}) is not the tanh GELU "
                           "the model uses: fused_gelu runs the GEMM and the GELU separately")
+        self.fused_norms = bool(options.fused_norms)
+        if self.fused_norms and self.device.type == "cuda" and not norm_kernels.works(
+                self.device, self.weight_dtype, model.hidden_size, model.num_attention_heads,
+                model.attention_head_dim):
+            warnings.warn(f"the Triton normalisation kernels do not compile, run or match their references on "
+                          f"{self.device} ({self.weight_dtype}): fused_norms is off")
+            self.fused_norms = False
         self._weights: dict | None = None
         self._version: int | None = None
         self._graphs: dict[tuple, Any] = {}
@@ -660,7 +688,7 @@ class FastDenoiser:
         rope = m.rope_table(gh, gw, x.device)
         kernel, pad = self._attention_kernel(b, gh * gw)
         spec = (m.num_attention_heads, m.attention_head_dim, m.transformer_blocks[0].norm3.eps, kernel, pad,
-                self.fused_gelu)
+                self.fused_gelu, self.fused_norms)
         silu_c = F.silu(c)
         if "ada_w" in w:  # merged: (B, depth * 6D) -> (B, depth, 6, D)
             mods = F.linear(silu_c, w["ada_w"], w["ada_b"]).float().unflatten(-1, (len(w["blocks"]), 6, -1)).unbind(1)

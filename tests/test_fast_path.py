@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixelflow import fast
+from pixelflow import fast, norm_kernels
 from pixelflow.pipeline import PixelFlowPipeline
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 EXACT_ATOL = 1e-6     # float32: merged matmuls may only reassociate sums
 SAMPLING_ATOL = 1e-4  # golden README: whole sampling runs to about 1e-4
-ALL_CPU_SWITCHES = dict(merge_qkv=True, merge_adaln=True, attention="math", head_pad=24, fused_gelu=True)
+ALL_CPU_SWITCHES = dict(merge_qkv=True, merge_adaln=True, attention="math", head_pad=24, fused_gelu=True,
+                        fused_norms=True)
 EAGER_COMPILE = dict(compile=True, compile_backend="aot_eager")
 
 
@@ -68,29 +69,30 @@ def test_defaults_leave_the_cpu_path_plain(plain_pipe):
 
 def test_every_switch_can_be_turned_off(plain_pipe):
     off = dict(merge_qkv=False, merge_adaln=False, compile=False, attention="default", cuda_graphs=False,
-               precision="keep", head_pad=0, fused_gelu=False)
+               precision="keep", head_pad=0, fused_gelu=False, fused_norms=False)
     assert fast.FastOptions(**off).resolve("cpu").is_plain
     assert fast.FastOptions(**off).resolve("cuda").is_plain  # resolving touches no GPU
     fast.accelerate(plain_pipe, **off)
     assert plain_pipe.denoiser is plain_pipe.model
     for name, on in [("merge_qkv", True), ("merge_adaln", True), ("compile", True), ("attention", "math"),
-                     ("head_pad", 32), ("fused_gelu", True)]:
+                     ("head_pad", 32), ("fused_gelu", True), ("fused_norms", True)]:
         options = fast.FastOptions(**{**off, name: on}).resolve("cpu")
         assert not options.is_plain and getattr(options, name) == on
     cuda = fast.FastOptions().resolve("cuda")
     assert (cuda.precision, cuda.merge_qkv, cuda.merge_adaln, cuda.compile, cuda.attention, cuda.cuda_graphs,
             cuda.head_pad, cuda.fused_gelu) == ("bf16", True, True, True, "auto", "auto", "auto", True)
+    assert cuda.fused_norms == norm_kernels.available()  # the Triton kernels, where Triton imports
     # A fixed kernel pads only when told to; the CPU resolves "auto" to the plain choice.
     assert fast.FastOptions(attention="cudnn").resolve("cuda").head_pad == 0
     cpu = fast.FastOptions().resolve("cpu")
-    assert (cpu.head_pad, cpu.fused_gelu) == (0, False)
+    assert (cpu.head_pad, cpu.fused_gelu, cpu.fused_norms) == (0, False, False)
 
 
 @pytest.mark.parametrize("bad, message", [
     (dict(precision="int8"), "precision"), (dict(compile="yes"), "compile"), (dict(attention="xformers"), "attention"),
     (dict(cuda_graphs=True), "CUDA"), (dict(attention="flash"), "CUDA"),
     (dict(graph_max_tokens=-1), "graph_max_tokens"), (dict(head_pad=70), "head_pad"),
-    (dict(head_pad=True), "head_pad"), (dict(fused_gelu="yes"), "fused_gelu"),
+    (dict(head_pad=True), "head_pad"), (dict(fused_gelu="yes"), "fused_gelu"), (dict(fused_norms="on"), "fused_norms"),
 ])
 def test_bad_options_are_named(plain_pipe, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -105,8 +107,9 @@ def test_unknown_switch_is_an_error(plain_pipe):
 # ---------------------------------------------------------------------------------------------- forwards
 @pytest.mark.parametrize("switches", [
     {}, dict(merge_qkv=True), dict(merge_adaln=True), dict(attention="math"), dict(head_pad=24),
-    dict(head_pad=128, attention="math"), dict(fused_gelu=True), ALL_CPU_SWITCHES,
-], ids=["none", "merge_qkv", "merge_adaln", "attention_math", "head_pad_24", "head_pad_128", "fused_gelu", "all"])
+    dict(head_pad=128, attention="math"), dict(fused_gelu=True), dict(fused_norms=True), ALL_CPU_SWITCHES,
+], ids=["none", "merge_qkv", "merge_adaln", "attention_math", "head_pad_24", "head_pad_128", "fused_gelu",
+        "fused_norms", "all"])
 def test_forward_equals_model(pipe, switches):
     x, t, labels = forward_inputs()
     with torch.no_grad():
@@ -273,7 +276,7 @@ def test_fa4_kernel_is_exact_attention_and_one_compiled_region(fa4_stand_in, pip
     model = pipe.model
     options = fast.FastOptions(precision="keep", merge_qkv=True, merge_adaln=True, compile=True,
                                compile_backend="aot_eager", attention="fa4", head_pad=0, fused_gelu=False,
-                               cuda_graphs=False)
+                               fused_norms=False, cuda_graphs=False)
     torch._dynamo.reset()
     den = fast.FastDenoiser(model, options)
     x, t, labels = forward_inputs()
@@ -311,15 +314,15 @@ def test_forward_matches_golden_c2i(pipe, load_golden):
         assert max_abs(out, case["output"]) < 1e-5
 
 
-@pytest.mark.parametrize("merge_qkv", [False, True])
-def test_text_to_image_forward_equals_model_and_golden(t2i_model, load_golden, merge_qkv):
+@pytest.mark.parametrize("merge_qkv, fused_norms", [(False, False), (True, False), (True, True)])
+def test_text_to_image_forward_equals_model_and_golden(t2i_model, load_golden, merge_qkv, fused_norms):
     case = load_golden("t2i_forward.pt")
     args = (case["hidden_states"], case["timestep"])
     kwargs = dict(encoder_hidden_states=case["encoder_hidden_states"],
                   encoder_attention_mask=case["encoder_attention_mask"])
     with torch.no_grad():
         expected = t2i_model(*args, **kwargs)
-        out = denoiser(t2i_model, merge_qkv=merge_qkv, merge_adaln=True)(*args, **kwargs)
+        out = denoiser(t2i_model, merge_qkv=merge_qkv, merge_adaln=True, fused_norms=fused_norms)(*args, **kwargs)
     assert max_abs(out, expected) < EXACT_ATOL
     assert max_abs(out, case["output"]) < 1e-5
 
@@ -493,5 +496,7 @@ def test_gpu_check_dry_run_without_omegaconf(tmp_path):
     assert all(v.startswith("ok") for v in report["sections"].values()), report["sections"]
     assert report["environment"]["omegaconf"] is False
     assert report["fast_vs_plain_images"]["max_uint8"] == 0
-    assert len(report["forward_variants"]) == 6, result.stdout[-3000:]  # every variant ran
+    assert len(report["forward_variants"]) == 7, result.stdout[-3000:]  # every variant ran
+    assert {r["operation"] for r in report["norm_kernels"]} == {"RMSNorm + RoPE (q of a qkv projection)",
+                                                                 "LayerNorm + modulation"}
     assert all(v["max_abs_vs_default"] < 1e-5 for v in report["forward_variants"])

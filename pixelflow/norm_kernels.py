@@ -1,0 +1,219 @@
+"""Triton kernels for the two normalisations of a block that torch.compile leaves far from memory speed.
+
+At 256 px (XL, 32 rows of 4096 tokens, H100, bf16) inductor's kernels for them take, per forward:
+  RMSNorm + RoPE of q and of k   49.5 ms (two kernels, 0.89 ms each per block: ~5x the time to read and
+                                 write q once), reading the (N, d, 2) float32 RoPE table for every element
+  LayerNorm + adaLN modulation   16.9 ms (0.60 ms per block, ~3x)
+Here a program takes one token (or a few, see LAUNCH), reads its row once, reduces in registers and writes the
+result, with the RoPE angles read once per pair position and shared by all heads.
+
+Both are custom operators, opaque to torch.compile. They launch the Triton kernel for CUDA tensors (or for
+CPU tensors under TRITON_INTERPRET=1, which is how tests/test_norm_kernels.py runs the kernels on the CPU) and
+compute the reference formulas otherwise. On CUDA, results equal the model's own computation under autocast up
+to the order of the sums (and each rounding's direction). The one difference is on the CPU under bf16 autocast,
+where layer_norm returns bf16 and the model rounds there. The kernels use float32 throughout, as CUDA
+autocast does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .model.embeddings import apply_rope
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - missing or broken: the reference formulas run instead
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> bool:
+    """Whether the Triton kernels can run here (Triton imports)."""
+    return triton is not None
+
+
+def _launch(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------- references
+def rms_rope_reference(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, heads: int,
+                       eps: float) -> torch.Tensor:
+    """RMSNorm over all of x's channels (float32, rounded to x's dtype, as the model's RMSNorm), then RoPE of
+    each head's interleaved pairs (float32, rounded): x (B, N, H*d), rope (N, d, 2) -> (B, N, H, d)."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    return apply_rope(normed.unflatten(-1, (heads, -1)), rope)
+
+
+def layer_norm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                                  eps: float) -> torch.Tensor:
+    """(LayerNorm(x) * (1 + scale) + shift) in float32, rounded to x's dtype: x (B, N, D), shift/scale (B, D).
+    The LayerNorm output stays float32, as under autocast (where layer_norm computes in float32)."""
+    h = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return torch.addcmul(shift.float()[:, None], h, 1 + scale.float()[:, None]).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+if triton is not None:
+    @triton.jit
+    def _rms_rope_kernel(x_ptr, w_ptr, rope_ptr, out_ptr, n_rows, seq, stride_b, stride_n, eps,
+                         C: tl.constexpr, HALF_D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        # ROWS tokens per program. A token's C = H*d channels are C/2 (even, odd) pairs; pair j is channels
+        # 2j, 2j+1, and its rotation angle is the table's at head position 2 * (j % (d/2)).
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        b = rows // seq
+        n = rows % seq
+        j = tl.arange(0, BLOCK)
+        offs = 2 * j[:, None] + tl.arange(0, 2)[None, :]                     # (BLOCK, 2)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None, None] & (offs < C)[None, :, :]                 # (ROWS, BLOCK, 2)
+        src = x_ptr + (b * stride_b + n * stride_n)[:, None, None] + offs[None, :, :]
+        x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / C + eps)
+        w = tl.load(w_ptr + offs, mask=offs < C, other=0.0)
+        y = (x * rstd[:, None, None] * w[None, :, :]).to(out_ptr.dtype.element_ty).to(tl.float32)
+        ye, yo = tl.split(y)                                                  # (ROWS, BLOCK) each
+        pair_ok = row_ok[:, None] & (j < C // 2)[None, :]
+        # (N, d, 2) table: (n, 2i, cos/sin) at n*2d + 4i + 0/1
+        table = rope_ptr + (n * (4 * HALF_D))[:, None] + (4 * (j % HALF_D))[None, :]
+        cos = tl.load(table, mask=pair_ok, other=0.0)
+        sin = tl.load(table + 1, mask=pair_ok, other=0.0)
+        out = tl.join(ye * cos - yo * sin, yo * cos + ye * sin)
+        dst = out_ptr + (rows * C)[:, None, None] + offs[None, :, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _layer_norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, n_rows, seq, stride_b, stride_n,
+                                    shift_stride, scale_stride, eps, C: tl.constexpr, BLOCK: tl.constexpr,
+                                    ROWS: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        b = rows // seq
+        n = rows % seq
+        c = tl.arange(0, BLOCK)
+        mask = (rows < n_rows)[:, None] & (c < C)[None, :]
+        x = tl.load(x_ptr + (b * stride_b + n * stride_n)[:, None] + c[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / C
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)
+        shift = tl.load(shift_ptr + (b * shift_stride)[:, None] + c[None, :], mask=mask, other=0.0)
+        scale = tl.load(scale_ptr + (b * scale_stride)[:, None] + c[None, :], mask=mask, other=0.0)
+        out = shift + (centred * rstd[:, None]) * (1 + scale)
+        tl.store(out_ptr + (rows * C)[:, None] + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C) with unit channel stride (a slice of a merged projection is fine as it is)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# (tokens per program, warps) per kernel; None: one token per program, warps by row width (what the H200 run
+# of 2026-11-27 measured). Fixed, not tuned per process: the layout sets the order of a row's sums, so a
+# timing-based pick could change the low bits of images between runs or ranks. gpu_check times the others.
+CONFIGS = ((1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8))
+LAUNCH: dict[str, tuple[int, int] | None] = {"rms_rope": None, "layer_norm_modulate": None}
+
+
+def _config(kernel: str, block: int) -> tuple[int, int]:
+    return LAUNCH[kernel] or (1, max(1, min(8, block // 256)))
+
+
+def _device(x: torch.Tensor):
+    """Launch on x's GPU, whatever the current device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- operators
+def _check_rms_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, heads: int) -> None:
+    if x.ndim != 3 or heads < 1 or x.shape[-1] % heads or (x.shape[-1] // heads) % 2:
+        raise ValueError(f"rms_rope needs x (B, N, heads * d) with d even; got x {tuple(x.shape)}, heads {heads}")
+    if weight.shape != (x.shape[-1],) or rope.shape != (x.shape[1], x.shape[-1] // heads, 2):
+        raise ValueError(f"rms_rope needs weight ({x.shape[-1]},) and rope ({x.shape[1]}, "
+                         f"{x.shape[-1] // heads}, 2); got weight {tuple(weight.shape)}, rope {tuple(rope.shape)}")
+
+
+@torch.library.custom_op("pixelflow::rms_rope", mutates_args=())
+def rms_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+    """rms_rope_reference as one kernel: x (B, N, H*d) -> (B, N, H, d) contiguous, x's dtype. rope: the
+    model's table (N, d, 2), whose angles come in equal pairs (rope_1d repeats each frequency for its
+    interleaved pair): the kernel reads one angle per pair."""
+    _check_rms_rope(x, weight, rope, heads)
+    if not _launch(x):
+        return rms_rope_reference(x, weight, rope, heads, eps).contiguous()
+    b, n, c = x.shape
+    x, weight, rope = _rows(x), weight.float().contiguous(), rope.float().contiguous()
+    out = torch.empty(b, n, heads, c // heads, device=x.device, dtype=x.dtype)
+    block = triton.next_power_of_2(c // 2)
+    rows, warps = _config("rms_rope", block)
+    with _device(x):
+        _rms_rope_kernel[(triton.cdiv(b * n, rows),)](
+            x, weight, rope, out, b * n, n, x.stride(0), x.stride(1), eps, C=c, HALF_D=c // heads // 2,
+            BLOCK=block, ROWS=rows, num_warps=warps)
+    return out
+
+
+@rms_rope.register_fake
+def _(x, weight, rope, heads, eps):
+    return x.new_empty(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+@torch.library.custom_op("pixelflow::layer_norm_modulate", mutates_args=())
+def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """layer_norm_modulate_reference as one kernel: x (B, N, D), shift/scale (B, D) -> (B, N, D), x's dtype."""
+    if x.ndim != 3 or shift.shape != (x.shape[0], x.shape[2]) or scale.shape != shift.shape:
+        raise ValueError(f"layer_norm_modulate needs x (B, N, D) and shift, scale (B, D); got x {tuple(x.shape)}, "
+                         f"shift {tuple(shift.shape)}, scale {tuple(scale.shape)}")
+    if not _launch(x):
+        return layer_norm_modulate_reference(x, shift, scale, eps)
+    b, n, c = x.shape
+    x = _rows(x)
+    shift, scale = (t.float() if t.stride(-1) == 1 else t.float().contiguous() for t in (shift, scale))
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    block = triton.next_power_of_2(c)
+    rows, warps = _config("layer_norm_modulate", block)
+    with _device(x):
+        _layer_norm_modulate_kernel[(triton.cdiv(b * n, rows),)](
+            x, shift, scale, out, b * n, n, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps, C=c,
+            BLOCK=block, ROWS=rows, num_warps=warps)
+    return out
+
+
+@layer_norm_modulate.register_fake
+def _(x, shift, scale, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_WORKS: dict[tuple, bool] = {}
+
+
+def works(device: torch.device | str, dtype: torch.dtype, hidden: int, heads: int, head_dim: int) -> bool:
+    """Whether both kernels compile, run and match their references on `device` at a model's widths (the
+    kernels are compiled per width), on a few tokens. Cached. The fast path checks this before using them,
+    as it checks the GELU epilogue, so that a GPU or a Triton they fail on costs speed, not a crash."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, dtype, hidden, heads, head_dim, tuple(LAUNCH.items()))
+    if key not in _WORKS:
+        from .model.embeddings import rope_2d
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(2, 12, 3 * heads * head_dim, device=device, generator=gen).to(dtype)[..., :heads * head_dim]
+        weight = torch.rand(heads * head_dim, device=device, generator=gen) + 0.5
+        rope = rope_2d(3, 4, head_dim, device=device)
+        h = torch.randn(2, 12, hidden, device=device, generator=gen).to(dtype)
+        shift, scale = torch.randn(2, 6, hidden, device=device, generator=gen).unbind(1)[:2]
+        try:
+            pairs = [(rms_rope(x, weight, rope, heads, 1e-6), rms_rope_reference(x, weight, rope, heads, 1e-6)),
+                     (layer_norm_modulate(h, shift, scale, 1e-6), layer_norm_modulate_reference(h, shift, scale, 1e-6))]
+            _WORKS[key] = all(bool(((out.float() - ref.float()).abs() <= 2 ** -6 * ref.float().abs().max()).all())
+                              for out, ref in pairs)
+        except Exception:  # noqa: BLE001 - compile or launch failure: not usable here
+            _WORKS[key] = False
+    return _WORKS[key]

@@ -1,0 +1,164 @@
+"""The Triton normalisation kernels (pixelflow/norm_kernels.py), run on the CPU by Triton's interpreter.
+
+TRITON_INTERPRET=1 has to be set before the kernels are defined, so each check runs in a fresh interpreter
+process. The same kernels compile for the GPU there; benchmarks/gpu_check.py times every launch config and
+compares the fast path with and without them on the device.
+
+bf16 bounds are per element. The interpreter rounds float32 to bf16 by truncation (up to 2^-7 relative),
+the reference by round-to-nearest (2^-8). Each bound is the sum of both roundings at every point where the
+kernel and the reference round.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from pixelflow import norm_kernels
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_interpreted(code: str) -> str:
+    pytest.importorskip("triton")  # ships with PyTorch's Linux builds (CI has it); macOS and Windows wheels lack it
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    prelude = "import itertools\nimport torch\nfrom pixelflow import norm_kernels as nk\n" \
+              "assert nk.INTERPRET and nk.available()\n"
+    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_rms_rope_kernel_equals_the_reference():
+    """Strided input (q and k as slices of one qkv projection), XL's head size 72 and a small one, float32 and
+    bf16, 1, 2 and 4 tokens per program over 45 and 105 tokens (the last program partly masked)."""
+    out = run_interpreted("""
+        import torch.nn.functional as F
+        from pixelflow.model.embeddings import rope_2d
+        torch.manual_seed(0)
+        checked = 0
+        for (heads, head_dim, grid), dtype, config in itertools.product(
+                ((2, 72, 3), (3, 8, 5)), (torch.float32, torch.bfloat16), nk.CONFIGS[::2]):
+            nk.LAUNCH["rms_rope"] = config
+            c = heads * head_dim
+            rope = rope_2d(grid, grid + 2, head_dim)
+            identity = torch.stack([torch.ones_like(rope[..., 0]), torch.zeros_like(rope[..., 1])], -1)
+            n = grid * (grid + 2)
+            qkv = (torch.randn(3, n, 3 * c) * 3).to(dtype)
+            weight = torch.rand(c) + 0.5
+            for x in (qkv[..., :c], qkv[..., c:2 * c]):
+                assert x.stride(-1) == 1 and not x.is_contiguous()
+                out = nk.rms_rope(x, weight, rope, heads, 1e-6)
+                ref = nk.rms_rope_reference(x, weight, rope, heads, 1e-6).float()
+                assert out.shape == (3, n, heads, head_dim) and out.dtype == dtype and out.is_contiguous()
+                err = (out.float() - ref).abs()
+                if dtype == torch.float32:
+                    bound = torch.full_like(ref, 1e-5)
+                else:  # the normalised pair's rounding enters both outputs, then each output's own
+                    normed = F.rms_norm(x.float(), (c,), weight, 1e-6).unflatten(-1, (heads, head_dim // 2, 2))
+                    pair = normed.abs().sum(-1, keepdim=True).expand_as(normed).flatten(-2)
+                    bound = 2 ** -6 * (pair + ref.abs()) + 1e-6
+                assert (err <= bound).all(), (heads, head_dim, dtype, config, (err - bound).max().item())
+                # not trivially: without the rotation the same output is far outside the bound
+                unrotated = nk.rms_rope_reference(x, weight, identity, heads, 1e-6).float()
+                assert ((out.float() - unrotated).abs() > bound).any()
+                checked += 1
+        print("checked", checked)
+    """)
+    assert "checked 24" in out
+
+
+def test_layer_norm_modulate_kernel_equals_the_reference():
+    """Shift and scale as strided views of the (B, 6, D) modulation tensor, as the block passes them; 15 rows."""
+    out = run_interpreted("""
+        torch.manual_seed(0)
+        checked = 0
+        for dim, dtype, config in itertools.product((40, 1152), (torch.float32, torch.bfloat16), nk.CONFIGS[::2]):
+            nk.LAUNCH["layer_norm_modulate"] = config
+            shift, scale = torch.randn(3, 6, dim).unbind(1)[:2]
+            x = (torch.randn(3, 5, dim) * 4 + 2).to(dtype)
+            out = nk.layer_norm_modulate(x, shift, scale, 1e-6)
+            ref = nk.layer_norm_modulate_reference(x, shift, scale, 1e-6).float()
+            assert out.shape == x.shape and out.dtype == dtype
+            err = (out.float() - ref).abs()
+            bound = 1e-5 if dtype == torch.float32 else 2 ** -6 * ref.abs() + 1e-4
+            assert (err <= bound).all(), (dim, dtype, config, (err - bound).max().item())
+            # not trivially: the modulation matters
+            plain = nk.layer_norm_modulate_reference(x, torch.zeros_like(shift), torch.zeros_like(scale), 1e-6)
+            assert ((out.float() - plain.float()).abs() > bound).any()
+            checked += 1
+        print("checked", checked)
+    """)
+    assert "checked 12" in out
+
+
+def test_fast_forwards_with_the_kernels_equal_the_models():
+    """Whole FastDenoiser forwards with the kernels inside (both counted) against the golden tiny models in
+    float32: class-to-image, and text-to-image, where the cross-attention queries go through rms_rope too."""
+    out = run_interpreted("""
+        from pixelflow import fast
+        from pixelflow.checkpoint import load_pretrained
+        launches = {"_rms_rope_kernel": 0, "_layer_norm_modulate_kernel": 0}
+        for name in launches:
+            kernel = getattr(nk, name)
+            class Counting:
+                def __getitem__(self, grid, kernel=kernel, name=name):
+                    launches[name] += 1
+                    return kernel[grid]
+            setattr(nk, name, Counting())
+        options = fast.FastOptions(merge_qkv=True, merge_adaln=True, attention="default",
+                                   fused_norms=True).resolve("cpu")
+        c2i, _ = load_pretrained("tests/golden/c2i_ckpt", device="cpu")
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, 16, 16, generator=gen)
+        t2i, _ = load_pretrained("tests/golden/t2i_ckpt", device="cpu")
+        case = torch.load("tests/golden/t2i_forward.pt", weights_only=True)
+        calls = [(c2i, (x, torch.tensor([10.0, 800.0])), dict(class_labels=torch.tensor([3, 1000]))),
+                 (t2i, (case["hidden_states"], case["timestep"]),
+                  dict(encoder_hidden_states=case["encoder_hidden_states"],
+                       encoder_attention_mask=case["encoder_attention_mask"]))]
+        for model, args, kwargs in calls:
+            before = dict(launches)
+            with torch.no_grad():
+                expected = model(*args, **kwargs)
+                out = fast.FastDenoiser(model, options)(*args, **kwargs)
+            depth = len(model.transformer_blocks)
+            cross = hasattr(model.transformer_blocks[0], "attn2")
+            assert launches["_rms_rope_kernel"] - before["_rms_rope_kernel"] == depth * (3 if cross else 2)
+            assert launches["_layer_norm_modulate_kernel"] - before["_layer_norm_modulate_kernel"] == depth
+            err = (out - expected).abs().max().item()
+            assert err < 1e-5, err
+            print("max abs", err)
+    """)
+    assert out.count("max abs") == 2
+
+
+def test_device_check_refuses_kernels_that_do_not_compile():
+    """works() runs both kernels at a model's widths: a launch config Triton cannot compile (3 tokens per
+    program: block sizes must be powers of two) makes it False instead of failing later in a forward."""
+    out = run_interpreted("""
+        assert nk.works("cpu", torch.bfloat16, hidden=40, heads=2, head_dim=8)
+        nk.LAUNCH["rms_rope"] = (3, 4)
+        assert not nk.works("cpu", torch.bfloat16, hidden=40, heads=2, head_dim=8)
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_bad_shapes_are_named_before_any_launch():
+    x = torch.zeros(2, 12, 16)
+    rope = torch.zeros(12, 8, 2)
+    with pytest.raises(ValueError, match=r"rope \(12, 8, 2\); got weight \(16,\), rope \(10, 8, 2\)"):
+        norm_kernels.rms_rope(x, torch.ones(16), torch.zeros(10, 8, 2), 2, 1e-6)
+    with pytest.raises(ValueError, match="d even"):
+        norm_kernels.rms_rope(x, torch.ones(16), rope, 16, 1e-6)
+    with pytest.raises(ValueError, match=r"shift, scale \(B, D\); got x \(2, 12, 16\), shift \(1, 16\)"):
+        norm_kernels.layer_norm_modulate(x, torch.zeros(1, 16), torch.zeros(1, 16), 1e-6)
+    assert norm_kernels.rms_rope(x, torch.ones(16), rope, 2, 1e-6).shape == (2, 12, 2, 8)
