@@ -327,6 +327,7 @@ def norm_kernels_check(check: Check, device: torch.device, model, rows: int, res
     print("| operation | config | ms | GB/s | max abs vs reference | rel |\n| --- | --- | ---: | ---: | ---: | ---: |")
     for kernel, (label, op, reference, args) in cases.items():
         ref = reference(*args)
+        saved = nk.LAUNCH[kernel]
         for config in (None, *nk.CONFIGS):
             nk.LAUNCH[kernel] = config
             try:
@@ -345,7 +346,7 @@ def norm_kernels_check(check: Check, device: torch.device, model, rows: int, res
                 traceback.print_exc()
                 ok = ok and config is not None
             finally:
-                nk.LAUNCH[kernel] = None
+                nk.LAUNCH[kernel] = saved
         for name, f in (("inductor", torch.compile(reference, fullgraph=True, dynamic=False)), ("eager", reference)):
             try:
                 seconds = fast.median_seconds(lambda f=f: f(*args), device, reps=10, warmup=3)

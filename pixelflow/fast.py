@@ -549,7 +549,7 @@ class FastDenoiser:
             warnings.warn(f"the GEMM GELU epilogue on {self.device} ({self.weight_dtype}) is not the tanh GELU "
                           "the model uses: fused_gelu runs the GEMM and the GELU separately")
         self.fused_norms = bool(options.fused_norms)
-        if self.fused_norms and self.device.type == "cuda" and not norm_kernels.works(
+        if self.fused_norms and (self.device.type == "cuda" or norm_kernels.INTERPRET) and not norm_kernels.works(
                 self.device, self.weight_dtype, model.hidden_size, model.num_attention_heads,
                 model.attention_head_dim):
             warnings.warn(f"the Triton normalisation kernels do not compile, run or match their references on "
@@ -761,9 +761,10 @@ class FastDenoiser:
         return sum(1 for e in self._graphs.values() if e)
 
     def status(self) -> dict:
-        """What the fast path did so far: attention kernel per (rows, tokens), CUDA graphs captured and failed,
+        """What the fast path did so far: attention kernel per (rows, tokens), whether the Triton norm kernels
+        are in use (fused_norms after the device check), CUDA graphs captured and failed,
         block shapes compiled and shapes that fell back to the plain block."""
-        return {"attention": dict(self.attention_choice), "graphs": self.num_graphs,
+        return {"attention": dict(self.attention_choice), "fused_norms": self.fused_norms, "graphs": self.num_graphs,
                 "graph_failures": sum(1 for e in self._graphs.values() if e is False),
                 "compiled_shapes": sum(1 for f in self._compiled.values() if f is not block_forward),
                 "compile_fallbacks": sum(1 for f in self._compiled.values() if f is block_forward)}

@@ -195,25 +195,34 @@ _WORKS: dict[tuple, bool] = {}
 
 def works(device: torch.device | str, dtype: torch.dtype, hidden: int, heads: int, head_dim: int) -> bool:
     """Whether both kernels compile, run and match their references on `device` at a model's widths (the
-    kernels are compiled per width), on a few tokens. Cached. The fast path checks this before using them,
+    kernels are compiled per width), on a few tokens. Cached. False without Triton (the operators would run
+    the reference formulas, unfused). The fast path checks this before using them,
     as it checks the GELU epilogue, so that a GPU or a Triton they fail on costs speed, not a crash."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     key = (device, dtype, hidden, heads, head_dim, tuple(LAUNCH.items()))
     if key not in _WORKS:
-        from .model.embeddings import rope_2d
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(2, 12, 3 * heads * head_dim, device=device, generator=gen).to(dtype)[..., :heads * head_dim]
-        weight = torch.rand(heads * head_dim, device=device, generator=gen) + 0.5
-        rope = rope_2d(3, 4, head_dim, device=device)
-        h = torch.randn(2, 12, hidden, device=device, generator=gen).to(dtype)
-        shift, scale = torch.randn(2, 6, hidden, device=device, generator=gen).unbind(1)[:2]
-        try:
-            pairs = [(rms_rope(x, weight, rope, heads, 1e-6), rms_rope_reference(x, weight, rope, heads, 1e-6)),
-                     (layer_norm_modulate(h, shift, scale, 1e-6), layer_norm_modulate_reference(h, shift, scale, 1e-6))]
-            _WORKS[key] = all(bool(((out.float() - ref.float()).abs() <= 2 ** -6 * ref.float().abs().max()).all())
-                              for out, ref in pairs)
-        except Exception:  # noqa: BLE001 - compile or launch failure: not usable here
-            _WORKS[key] = False
+        _WORKS[key] = available() and _works(device, dtype, hidden, heads, head_dim)
     return _WORKS[key]
+
+
+def _works(device: torch.device, dtype: torch.dtype, hidden: int, heads: int, head_dim: int) -> bool:
+    from .model.embeddings import rope_2d
+    # 2 x 16 tokens: Triton compiles integer arguments divisible by 16 (as every stage's token counts are) into
+    # their own variant; q and k slices of a qkv projection and a contiguous q (no merge, cross-attention).
+    inner = heads * head_dim
+    gen = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(2, 16, 3 * inner, device=device, generator=gen).to(dtype)
+    weight = torch.rand(inner, device=device, generator=gen) + 0.5
+    rope = rope_2d(4, 4, head_dim, device=device)
+    h = torch.randn(2, 16, hidden, device=device, generator=gen).to(dtype)
+    shift, scale = torch.randn(2, 6, hidden, device=device, generator=gen).unbind(1)[:2]
+    try:
+        pairs = [(rms_rope(x, weight, rope, heads, 1e-6), rms_rope_reference(x, weight, rope, heads, 1e-6))
+                 for x in (qkv[..., :inner], qkv[..., inner:2 * inner], qkv[..., :inner].contiguous())]
+        pairs.append((layer_norm_modulate(h, shift, scale, 1e-6), layer_norm_modulate_reference(h, shift, scale, 1e-6)))
+        return all(bool(((out.float() - ref.float()).abs() <= 2 ** -6 * ref.float().abs().max()).all())
+                   for out, ref in pairs)
+    except Exception:  # noqa: BLE001 - compile or launch failure: not usable here
+        return False

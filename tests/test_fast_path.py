@@ -8,6 +8,7 @@ same traced graph inductor would compile) and once with inductor itself (marked 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -97,6 +98,13 @@ def test_every_switch_can_be_turned_off(plain_pipe):
 def test_bad_options_are_named(plain_pipe, bad, message):
     with pytest.raises(ValueError, match=message):
         fast.accelerate(plain_pipe, **bad)
+
+
+def test_fast_denoiser_needs_resolved_switches(pipe):
+    for name in ("fused_gelu", "fused_norms"):
+        options = fast.FastOptions().resolve("cpu")
+        with pytest.raises(ValueError, match="resolved options"):
+            fast.FastDenoiser(pipe.model, dataclasses.replace(options, **{name: "auto"}))
 
 
 def test_unknown_switch_is_an_error(plain_pipe):

@@ -1,8 +1,8 @@
 """The Triton normalisation kernels (pixelflow/norm_kernels.py), run on the CPU by Triton's interpreter.
 
 TRITON_INTERPRET=1 has to be set before the kernels are defined, so each check runs in a fresh interpreter
-process. The same kernels compile for the GPU there; benchmarks/gpu_check.py times every launch config and
-compares the fast path with and without them on the device.
+process. On a GPU, benchmarks/gpu_check.py checks and times every launch config and compares the fast path
+with and without them; the fast path itself uses them only after norm_kernels.works() on the device.
 
 bf16 bounds are per element. The interpreter rounds float32 to bf16 by truncation (up to 2^-7 relative),
 the reference by round-to-nearest (2^-8). Each bound is the sum of both roundings at every point where the
@@ -82,7 +82,8 @@ def test_layer_norm_modulate_kernel_equals_the_reference():
         checked = 0
         for dim, dtype, config in itertools.product((40, 1152), (torch.float32, torch.bfloat16), nk.CONFIGS[::2]):
             nk.LAUNCH["layer_norm_modulate"] = config
-            shift, scale = torch.randn(3, 6, dim).unbind(1)[:2]
+            shift = torch.randn(3, 6, dim)[:, 0]  # a view of the modulation tensor, and a contiguous scale
+            scale = torch.randn(3, dim)
             x = (torch.randn(3, 5, dim) * 4 + 2).to(dtype)
             out = nk.layer_norm_modulate(x, shift, scale, 1e-6)
             ref = nk.layer_norm_modulate_reference(x, shift, scale, 1e-6).float()
@@ -125,10 +126,12 @@ def test_fast_forwards_with_the_kernels_equal_the_models():
                   dict(encoder_hidden_states=case["encoder_hidden_states"],
                        encoder_attention_mask=case["encoder_attention_mask"]))]
         for model, args, kwargs in calls:
+            den = fast.FastDenoiser(model, options)  # checks the kernels at the model's widths (works())
+            assert den.status()["fused_norms"] is True
             before = dict(launches)
             with torch.no_grad():
                 expected = model(*args, **kwargs)
-                out = fast.FastDenoiser(model, options)(*args, **kwargs)
+                out = den(*args, **kwargs)
             depth = len(model.transformer_blocks)
             cross = hasattr(model.transformer_blocks[0], "attn2")
             assert launches["_rms_rope_kernel"] - before["_rms_rope_kernel"] == depth * (3 if cross else 2)
@@ -140,13 +143,29 @@ def test_fast_forwards_with_the_kernels_equal_the_models():
     assert out.count("max abs") == 2
 
 
-def test_device_check_refuses_kernels_that_do_not_compile():
+def test_kernels_that_do_not_compile_are_refused_before_any_forward():
     """works() runs both kernels at a model's widths: a launch config Triton cannot compile (3 tokens per
-    program: block sizes must be powers of two) makes it False instead of failing later in a forward."""
+    program: block sizes must be powers of two) makes it False, and the fast path then warns, turns
+    fused_norms off and computes the same forward without them."""
     out = run_interpreted("""
+        import warnings
+        from pixelflow import fast
+        from pixelflow.checkpoint import load_pretrained
         assert nk.works("cpu", torch.bfloat16, hidden=40, heads=2, head_dim=8)
         nk.LAUNCH["rms_rope"] = (3, 4)
         assert not nk.works("cpu", torch.bfloat16, hidden=40, heads=2, head_dim=8)
+        model, _ = load_pretrained("tests/golden/c2i_ckpt", device="cpu")
+        options = fast.FastOptions(merge_qkv=True, attention="default", fused_norms=True).resolve("cpu")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            den = fast.FastDenoiser(model, options)
+        assert any("fused_norms is off" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        assert den.status()["fused_norms"] is False
+        x = torch.randn(2, 3, 16, 16)
+        t, labels = torch.tensor([10.0, 800.0]), torch.tensor([3, 1000])
+        with torch.no_grad():
+            err = (den(x, t, class_labels=labels) - model(x, t, class_labels=labels)).abs().max().item()
+        assert err < 1e-5, err
         print("ok")
     """)
     assert "ok" in out
