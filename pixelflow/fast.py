@@ -52,7 +52,6 @@ import torch
 import torch.nn.functional as F
 
 from . import norm_kernels
-from .model.embeddings import apply_rope
 from .model.pixelflow_model import LAYER_NORM_EPS
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -205,10 +204,10 @@ def pad_heads(t: torch.Tensor, size: int) -> torch.Tensor:
 
 def _rms_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, spec: tuple) -> torch.Tensor:
     """RMSNorm then RoPE: (B, N, H*d) -> (B, N, H, d); one Triton kernel with fused_norms."""
-    heads, head_dim, eps = spec[:3]
+    heads, eps = spec[0], spec[2]
     if spec[6]:
         return norm_kernels.rms_rope(x, weight, rope, heads, eps)
-    return apply_rope(_rms(x, weight, eps).unflatten(-1, (heads, head_dim)), rope)
+    return norm_kernels.rms_rope_reference(x, weight, rope, heads, eps)
 
 
 def _self_attention(h: torch.Tensor, rope: torch.Tensor, w: dict, spec: tuple) -> torch.Tensor:

@@ -23,7 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .model.embeddings import apply_rope
+from .model.embeddings import apply_rope, rope_2d
 
 try:
     import triton
@@ -196,8 +196,8 @@ _WORKS: dict[tuple, bool] = {}
 def works(device: torch.device | str, dtype: torch.dtype, hidden: int, heads: int, head_dim: int) -> bool:
     """Whether both kernels compile, run and match their references on `device` at a model's widths (the
     kernels are compiled per width), on a few tokens. Cached. False without Triton (the operators would run
-    the reference formulas, unfused). The fast path checks this before using them,
-    as it checks the GELU epilogue, so that a GPU or a Triton they fail on costs speed, not a crash."""
+    the reference formulas, unfused). The fast path checks this before using them, as it checks the GELU
+    epilogue, so that a GPU or a Triton they fail on costs speed, not a crash."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -208,7 +208,6 @@ def works(device: torch.device | str, dtype: torch.dtype, hidden: int, heads: in
 
 
 def _works(device: torch.device, dtype: torch.dtype, hidden: int, heads: int, head_dim: int) -> bool:
-    from .model.embeddings import rope_2d
     # 2 x 16 tokens: Triton compiles integer arguments divisible by 16 (as every stage's token counts are) into
     # their own variant; q and k slices of a qkv projection and a contiguous q (no merge, cross-attention).
     inner = heads * head_dim
