@@ -46,6 +46,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -75,6 +76,8 @@ class FastOptions:
     compile: bool | str = "auto"
     compile_backend: str = "inductor"  # "aot_eager" / "eager" check graph capture without code generation
     compile_mode: str | None = None    # e.g. "max-autotune-no-cudagraphs": slower to compile, fuses GEMM epilogues
+    compile_mode_min_tokens: int = 0   # compile_mode only for forwards of at least this many tokens (rows x tokens
+                                       # per image); smaller ones compile in the default mode, in seconds
     compile_dynamic: bool = False      # one compile for every batch size and stage (the demo's varying batches)
     attention: str = "auto"            # one of ATTENTION_KERNELS
     head_pad: int | str = "auto"       # 0: no padding; n: attend at head size n (>= head_dim); "auto": measured
@@ -137,8 +140,13 @@ class FastOptions:
         if self.head_pad != "auto" and (isinstance(self.head_pad, bool) or not isinstance(self.head_pad, int)
                                         or self.head_pad < 0 or self.head_pad % 8 or self.head_pad > 256):
             raise ValueError(f"head_pad must be 'auto', 0 or a multiple of 8 up to 256, got {self.head_pad!r}")
-        if not isinstance(self.graph_max_tokens, int) or self.graph_max_tokens < 0:
-            raise ValueError(f"graph_max_tokens must be an int >= 0, got {self.graph_max_tokens!r}")
+        for name in ("graph_max_tokens", "compile_mode_min_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.compile_mode_min_tokens and self.compile_mode is None:
+            raise ValueError(f"compile_mode_min_tokens={self.compile_mode_min_tokens} picks the forwards that "
+                             "compile in compile_mode, but compile_mode is None: set both, or neither")
 
     @property
     def is_plain(self) -> bool:
@@ -273,6 +281,11 @@ def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dic
     h = torch.addcmul(shift2[:, None], _rms(x, w["norm3"], spec[2]), 1 + scale2[:, None]).to(x.dtype)
     h = _mlp(h, w, spec[5])
     return x + (h * gate2[:, None]).to(x.dtype)
+
+
+def block_forward_large(*args, **kwargs) -> torch.Tensor:
+    """block_forward, for forwards compiled in compile_mode when compile_mode_min_tokens splits the shapes."""
+    return block_forward(*args, **kwargs)
 
 
 _IMPORTABLE: dict[str, bool] = {}
@@ -559,12 +572,16 @@ class FastDenoiser:
         self._graphs: dict[tuple, Any] = {}
         self._graph_pool = None
         self._compiled: dict[tuple, Any] = {}  # input shapes -> the block function used for them
-        self._block = block_forward
+        self._block = self._block_large = block_forward
         if options.compile:
             _raise_recompile_limit(64)
             # Static shapes by default; compile_dynamic marks the batch and token dims dynamic (see _forward).
-            self._block = torch.compile(block_forward, dynamic=None if options.compile_dynamic else False,
-                                        fullgraph=True, backend=options.compile_backend, mode=options.compile_mode)
+            compile = partial(torch.compile, dynamic=None if options.compile_dynamic else False, fullgraph=True,
+                              backend=options.compile_backend)
+            split = options.compile_mode is not None and options.compile_mode_min_tokens > 0
+            self._block = compile(block_forward, mode=None if split else options.compile_mode)
+            # Its own function (code object), so that the two modes' compiled code is cached apart.
+            self._block_large = compile(block_forward_large, mode=options.compile_mode) if split else self._block
 
     # ------------------------------------------------------------------ weights
     def _param_version(self) -> int:
@@ -703,16 +720,19 @@ class FastDenoiser:
         return m.unpatchify(m.final_layer(tokens, c), gh, gw)
 
     def _block_for(self, *args):
-        """The compiled block, compiled here for a new shape; the plain block_forward for a shape whose
-        compilation failed (with a warning: slower, same numbers)."""
+        """The compiled block, compiled here for a new shape (in compile_mode, or in the default mode below
+        compile_mode_min_tokens); the plain block_forward for a shape whose compilation failed (with a warning:
+        slower, same numbers)."""
         if self._block is block_forward:
             return block_forward
         key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else None for a in args) + \
             (torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None,)
         if key not in self._compiled:
+            tokens = args[0].shape[0] * args[0].shape[1]
+            block = self._block_large if tokens >= self.options.compile_mode_min_tokens else self._block
             try:
-                self._block(*args)
-                self._compiled[key] = self._block
+                block(*args)
+                self._compiled[key] = block
             except Exception as e:  # noqa: BLE001 - any compiler failure: keep sampling, eagerly
                 warnings.warn(f"torch.compile of the transformer block failed for tokens {tuple(args[0].shape)} "
                               f"({type(e).__name__}: {str(e)[:300]}); running this shape without compile")
@@ -762,10 +782,12 @@ class FastDenoiser:
     def status(self) -> dict:
         """What the fast path did so far: attention kernel per (rows, tokens), whether the Triton norm kernels
         are in use (fused_norms after the device check), CUDA graphs captured and failed,
-        block shapes compiled and shapes that fell back to the plain block."""
+        block shapes compiled (of these, in compile_mode) and shapes that fell back to the plain block."""
         return {"attention": dict(self.attention_choice), "fused_norms": self.fused_norms, "graphs": self.num_graphs,
                 "graph_failures": sum(1 for e in self._graphs.values() if e is False),
                 "compiled_shapes": sum(1 for f in self._compiled.values() if f is not block_forward),
+                "compile_mode_shapes": sum(1 for f in self._compiled.values()
+                                           if self.options.compile_mode and f is self._block_large),
                 "compile_fallbacks": sum(1 for f in self._compiled.values() if f is block_forward)}
 
 

@@ -90,9 +90,37 @@ if triton is not None:
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _rms_rope_flat_kernel(x_ptr, w_ptr, rope_ptr, out_ptr, n_rows, seq, stride_b, stride_n, eps,
+                              C: tl.constexpr, HALF_D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        # The "flat" form of _rms_rope_kernel: a token's channels load and store as one contiguous run (wide
+        # vector accesses), and are split into (even, odd) pairs in registers for the rotation.
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        b = rows // seq
+        n = rows % seq
+        c = tl.arange(0, BLOCK)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (c < C)[None, :]                            # (ROWS, BLOCK)
+        x = tl.load(x_ptr + (b * stride_b + n * stride_n)[:, None] + c[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / C + eps)
+        w = tl.load(w_ptr + c[None, :], mask=(c < C)[None, :], other=0.0)
+        y = (x * rstd[:, None] * w).to(out_ptr.dtype.element_ty).to(tl.float32)
+        ye, yo = tl.split(tl.reshape(y, (ROWS, BLOCK // 2, 2)))              # (ROWS, BLOCK // 2) each
+        # (cos, sin) of each pair, loaded as pairs and split like y, so that both halves share y's layout
+        j = tl.arange(0, BLOCK // 2)
+        pair_ok = row_ok[:, None, None] & (j < C // 2)[None, :, None]
+        table = rope_ptr + (n * (4 * HALF_D))[:, None, None] + (4 * (j % HALF_D))[None, :, None] + \
+            tl.arange(0, 2)[None, None, :]
+        cos, sin = tl.split(tl.load(table, mask=pair_ok, other=0.0))
+        out = tl.reshape(tl.join(ye * cos - yo * sin, yo * cos + ye * sin), (ROWS, BLOCK))
+        tl.store(out_ptr + (rows * C)[:, None] + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _layer_norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, n_rows, seq, stride_b, stride_n,
                                     shift_stride, scale_stride, eps, C: tl.constexpr, BLOCK: tl.constexpr,
-                                    ROWS: tl.constexpr):
+                                    ROWS: tl.constexpr, SHARED: tl.constexpr):
+        # SHARED: several tokens per program, and ROWS divides seq, so a program's tokens are of one image and
+        # share its shift and scale, loaded once (float32, each twice a bf16 token's size).
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         b = rows // seq
         n = rows % seq
@@ -103,8 +131,13 @@ if triton is not None:
         mean = tl.sum(x, axis=1) / C
         centred = tl.where(mask, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)
-        shift = tl.load(shift_ptr + (b * shift_stride)[:, None] + c[None, :], mask=mask, other=0.0)
-        scale = tl.load(scale_ptr + (b * scale_stride)[:, None] + c[None, :], mask=mask, other=0.0)
+        if SHARED:
+            image = (tl.program_id(0).to(tl.int64) * ROWS) // seq
+            shift = tl.load(shift_ptr + image * shift_stride + c[None, :], mask=(c < C)[None, :], other=0.0)
+            scale = tl.load(scale_ptr + image * scale_stride + c[None, :], mask=(c < C)[None, :], other=0.0)
+        else:
+            shift = tl.load(shift_ptr + (b * shift_stride)[:, None] + c[None, :], mask=mask, other=0.0)
+            scale = tl.load(scale_ptr + (b * scale_stride)[:, None] + c[None, :], mask=mask, other=0.0)
         out = shift + (centred * rstd[:, None]) * (1 + scale)
         tl.store(out_ptr + (rows * C)[:, None] + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -114,15 +147,30 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-# (tokens per program, warps) per kernel; None: one token per program, warps by row width (what the H200 run
-# of 2026-11-27 measured). Fixed, not tuned per process: the layout sets the order of a row's sums, so a
-# timing-based pick could change the low bits of images between runs or ranks. gpu_check times the others.
-CONFIGS = ((1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8))
-LAUNCH: dict[str, tuple[int, int] | None] = {"rms_rope": None, "layer_norm_modulate": None}
+# Launch configs: (tokens per program, warps) and, for rms_rope, the form ("pairs": channels loaded as
+# (even, odd) pairs, _rms_rope_kernel; "flat": one contiguous run per token, _rms_rope_flat_kernel). None: the
+# "pairs" form, one token per program, warps by row width: what the H200 run of 2026-11-27 measured. Fixed,
+# not tuned per process: the layout sets the order of a row's sums, so a timing-based pick could change the
+# low bits of images between runs or ranks. benchmarks/gpu_check.py times every one of CONFIGS.
+CONFIGS: dict[str, tuple[tuple, ...]] = {
+    "rms_rope": ((1, 4, "pairs"), (1, 8, "pairs"), (2, 4, "pairs"), (4, 8, "pairs"),
+                 (1, 4, "flat"), (1, 8, "flat"), (2, 4, "flat"), (2, 8, "flat"), (4, 8, "flat"), (8, 8, "flat")),
+    "layer_norm_modulate": ((1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)),
+}
+LAUNCH: dict[str, tuple | None] = {"rms_rope": None, "layer_norm_modulate": None}
 
 
-def _config(kernel: str, block: int) -> tuple[int, int]:
-    return LAUNCH[kernel] or (1, max(1, min(8, block // 256)))
+def _config(kernel: str, block: int) -> tuple:
+    """The launch config of `kernel` for rows of `block` (a power of two) elements."""
+    config = LAUNCH[kernel]
+    if config is None:
+        config = (1, max(1, min(8, block // 256))) + (("pairs",) if kernel == "rms_rope" else ())
+    forms = ("pairs", "flat") if kernel == "rms_rope" else ()
+    if (not isinstance(config, tuple) or len(config) != 2 + bool(forms) or (forms and config[2] not in forms)
+            or not all(isinstance(v, int) and v >= 1 for v in config[:2])):
+        raise ValueError(f"norm_kernels.LAUNCH[{kernel!r}] = {LAUNCH[kernel]!r}: expected None or (tokens per "
+                         f"program, warps{', form' if forms else ''}) like {CONFIGS[kernel][0]}")
+    return config
 
 
 def _device(x: torch.Tensor):
@@ -150,10 +198,11 @@ def rms_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, heads: i
     b, n, c = x.shape
     x, weight, rope = _rows(x), weight.float().contiguous(), rope.float().contiguous()
     out = torch.empty(b, n, heads, c // heads, device=x.device, dtype=x.dtype)
-    block = triton.next_power_of_2(c // 2)
-    rows, warps = _config("rms_rope", block)
+    rows, warps, form = _config("rms_rope", triton.next_power_of_2(c // 2))
+    kernel = _rms_rope_flat_kernel if form == "flat" else _rms_rope_kernel
+    block = triton.next_power_of_2(c if form == "flat" else c // 2)
     with _device(x):
-        _rms_rope_kernel[(triton.cdiv(b * n, rows),)](
+        kernel[(triton.cdiv(b * n, rows),)](
             x, weight, rope, out, b * n, n, x.stride(0), x.stride(1), eps, C=c, HALF_D=c // heads // 2,
             BLOCK=block, ROWS=rows, num_warps=warps)
     return out
@@ -181,7 +230,7 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     with _device(x):
         _layer_norm_modulate_kernel[(triton.cdiv(b * n, rows),)](
             x, shift, scale, out, b * n, n, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps, C=c,
-            BLOCK=block, ROWS=rows, num_warps=warps)
+            BLOCK=block, ROWS=rows, SHARED=rows > 1 and n % rows == 0, num_warps=warps)
     return out
 
 

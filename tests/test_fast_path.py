@@ -94,6 +94,8 @@ def test_every_switch_can_be_turned_off(plain_pipe):
     (dict(cuda_graphs=True), "CUDA"), (dict(attention="flash"), "CUDA"),
     (dict(graph_max_tokens=-1), "graph_max_tokens"), (dict(head_pad=70), "head_pad"),
     (dict(head_pad=True), "head_pad"), (dict(fused_gelu="yes"), "fused_gelu"), (dict(fused_norms="on"), "fused_norms"),
+    (dict(compile_mode_min_tokens=-5), "compile_mode_min_tokens"),
+    (dict(compile_mode_min_tokens=4096), "compile_mode is None"),
 ])
 def test_bad_options_are_named(plain_pipe, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -394,6 +396,39 @@ def test_compiled_block_is_one_region_per_shape(make_tiny_model):
             out = den(x, t, class_labels=labels % model.num_classes)
             assert max_abs(out, model(x, t, class_labels=labels % model.num_classes)) < EXACT_ATOL
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_compile_mode_only_from_min_tokens(make_tiny_model):
+    """compile_mode_min_tokens: the small shape compiles in the default mode, the large in compile_mode."""
+    modes = []
+
+    def recording_backend(graph_module, example_inputs, mode=None):
+        modes.append(mode)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    model = make_tiny_model().eval()
+    torch.nn.init.normal_(model.proj_out_2.weight, std=0.02)
+    patches = lambda size: 2 * (size // model.patch_size) ** 2  # noqa: E731 - tokens of a batch of 2
+    den = denoiser(model, merge_qkv=True, compile=True, compile_backend=recording_backend,
+                   compile_mode="max-autotune-no-cudagraphs", compile_mode_min_tokens=patches(16))
+    for size in (8, 16, 8):
+        x, t, labels = forward_inputs(batch=2, size=size)
+        with torch.no_grad():
+            out = den(x, t, class_labels=labels % model.num_classes)
+            assert max_abs(out, model(x, t, class_labels=labels % model.num_classes)) < EXACT_ATOL
+    assert modes == [None, "max-autotune-no-cudagraphs"]
+    status = den.status()
+    assert (status["compiled_shapes"], status["compile_mode_shapes"]) == (2, 1), status
+    # without the threshold every shape compiles in compile_mode
+    torch._dynamo.reset()
+    modes.clear()
+    den = denoiser(model, merge_qkv=True, compile=True, compile_backend=recording_backend,
+                   compile_mode="max-autotune-no-cudagraphs")
+    for size in (8, 16):
+        with torch.no_grad():
+            den(*forward_inputs(batch=2, size=size)[:2], class_labels=torch.tensor([1, 2]))
+    assert modes == ["max-autotune-no-cudagraphs"] * 2 and den.status()["compile_mode_shapes"] == 2
 
 
 def test_dynamic_compile_serves_every_shape_with_one_graph(make_tiny_model):

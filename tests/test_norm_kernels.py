@@ -38,14 +38,16 @@ def run_interpreted(code: str) -> str:
 
 def test_rms_rope_kernel_equals_the_reference():
     """Strided input (q and k as slices of one qkv projection), XL's head size 72 and a small one, float32 and
-    bf16, 1, 2 and 4 tokens per program over 45 and 105 tokens (the last program partly masked)."""
+    bf16, both forms (pairs and flat), 1, 2 and 4 tokens per program over 45 and 105 tokens (the last program
+    partly masked)."""
     out = run_interpreted("""
         import torch.nn.functional as F
         from pixelflow.model.embeddings import rope_2d
         torch.manual_seed(0)
         checked = 0
         for (heads, head_dim, grid), dtype, config in itertools.product(
-                ((2, 72, 3), (3, 8, 5)), (torch.float32, torch.bfloat16), nk.CONFIGS[::2]):
+                ((2, 72, 3), (3, 8, 5)), (torch.float32, torch.bfloat16),
+                ((1, 4, "pairs"), (2, 4, "pairs"), (1, 4, "flat"), (4, 8, "flat"))):
             nk.LAUNCH["rms_rope"] = config
             c = heads * head_dim
             rope = rope_2d(grid, grid + 2, head_dim)
@@ -72,19 +74,22 @@ def test_rms_rope_kernel_equals_the_reference():
                 checked += 1
         print("checked", checked)
     """)
-    assert "checked 24" in out
+    assert "checked 32" in out
 
 
 def test_layer_norm_modulate_kernel_equals_the_reference():
-    """Shift and scale as strided views of the (B, 6, D) modulation tensor, as the block passes them; 15 rows."""
+    """Shift and scale as strided views of the (B, 6, D) modulation tensor, as the block passes them; 3 images
+    of 5 tokens (a program's tokens can span two images) and of 4 (with 1, 2 and 4 tokens per program, each
+    program's tokens are of one image, which loads its shift and scale once)."""
     out = run_interpreted("""
         torch.manual_seed(0)
         checked = 0
-        for dim, dtype, config in itertools.product((40, 1152), (torch.float32, torch.bfloat16), nk.CONFIGS[::2]):
+        for dim, dtype, seq, config in itertools.product((40, 1152), (torch.float32, torch.bfloat16), (5, 4),
+                                                         nk.CONFIGS["layer_norm_modulate"][::2]):
             nk.LAUNCH["layer_norm_modulate"] = config
             shift = torch.randn(3, 6, dim)[:, 0]  # a view of the modulation tensor, and a contiguous scale
             scale = torch.randn(3, dim)
-            x = (torch.randn(3, 5, dim) * 4 + 2).to(dtype)
+            x = (torch.randn(3, seq, dim) * 4 + 2).to(dtype)
             out = nk.layer_norm_modulate(x, shift, scale, 1e-6)
             ref = nk.layer_norm_modulate_reference(x, shift, scale, 1e-6).float()
             assert out.shape == x.shape and out.dtype == dtype
@@ -97,7 +102,7 @@ def test_layer_norm_modulate_kernel_equals_the_reference():
             checked += 1
         print("checked", checked)
     """)
-    assert "checked 12" in out
+    assert "checked 32" in out
 
 
 def test_fast_forwards_with_the_kernels_equal_the_models():
@@ -152,7 +157,7 @@ def test_kernels_that_do_not_compile_are_refused_before_any_forward():
         from pixelflow import fast
         from pixelflow.checkpoint import load_pretrained
         assert nk.works("cpu", torch.bfloat16, hidden=40, heads=2, head_dim=8)
-        nk.LAUNCH["rms_rope"] = (3, 4)
+        nk.LAUNCH["rms_rope"] = (3, 4, "pairs")
         assert not nk.works("cpu", torch.bfloat16, hidden=40, heads=2, head_dim=8)
         model, _ = load_pretrained("tests/golden/c2i_ckpt", device="cpu")
         options = fast.FastOptions(merge_qkv=True, attention="default", fused_norms=True).resolve("cpu")
@@ -181,3 +186,10 @@ def test_bad_shapes_are_named_before_any_launch():
     with pytest.raises(ValueError, match=r"shift, scale \(B, D\); got x \(2, 12, 16\), shift \(1, 16\)"):
         norm_kernels.layer_norm_modulate(x, torch.zeros(1, 16), torch.zeros(1, 16), 1e-6)
     assert norm_kernels.rms_rope(x, torch.ones(16), rope, 2, 1e-6).shape == (2, 12, 2, 8)
+
+
+@pytest.mark.parametrize("config", [(1, 4), [1, 4, "flat"], (1, 4, "zigzag"), (0, 4, "flat")])
+def test_bad_launch_configs_are_named(monkeypatch, config):
+    monkeypatch.setitem(norm_kernels.LAUNCH, "rms_rope", config)
+    with pytest.raises(ValueError, match=r"LAUNCH\['rms_rope'\] = .*expected None or \(tokens per program"):
+        norm_kernels._config("rms_rope", 1024)
