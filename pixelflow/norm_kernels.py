@@ -116,11 +116,37 @@ if triton is not None:
         tl.store(out_ptr + (rows * C)[:, None] + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _rms_rope_partner_kernel(x_ptr, w_ptr, rope_ptr, out_ptr, n_rows, seq, stride_b, stride_n, eps,
+                                 C: tl.constexpr, HALF_D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        # The "partner" form: like "flat", one contiguous run per token, but each channel also loads its pair
+        # partner (channel c ^ 1, from the cache: the row was just read) instead of regrouping registers, so
+        # every tensor keeps one layout. Even channel: y_c cos - y_{c+1} sin; odd: y_c cos + y_{c-1} sin.
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        b = rows // seq
+        n = rows % seq
+        c = tl.arange(0, BLOCK)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (c < C)[None, :]                            # (ROWS, BLOCK)
+        src = x_ptr + (b * stride_b + n * stride_n)[:, None]
+        x = tl.load(src + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        partner = tl.load(src + (c ^ 1)[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / C + eps)[:, None]
+        w = tl.load(w_ptr + c[None, :], mask=(c < C)[None, :], other=0.0)
+        w_partner = tl.load(w_ptr + (c ^ 1)[None, :], mask=(c < C)[None, :], other=0.0)
+        y = (x * rstd * w).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y_partner = (partner * rstd * w_partner).to(out_ptr.dtype.element_ty).to(tl.float32)
+        table = rope_ptr + (n * (4 * HALF_D))[:, None] + (4 * ((c // 2) % HALF_D))[None, :]
+        cos = tl.load(table, mask=mask, other=0.0)
+        sin = tl.load(table + 1, mask=mask, other=0.0)
+        out = y * cos + tl.where((c % 2 == 0)[None, :], -(y_partner * sin), y_partner * sin)
+        tl.store(out_ptr + (rows * C)[:, None] + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _layer_norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, n_rows, seq, stride_b, stride_n,
                                     shift_stride, scale_stride, eps, C: tl.constexpr, BLOCK: tl.constexpr,
                                     ROWS: tl.constexpr, SHARED: tl.constexpr):
-        # SHARED: several tokens per program, and ROWS divides seq, so a program's tokens are of one image and
-        # share its shift and scale, loaded once (float32, each twice a bf16 token's size).
+        # SHARED ("shared" form, where ROWS divides seq): a program's tokens are of one image and share its
+        # shift and scale, loaded once (float32, each twice a bf16 token's size), at the cost of a layout change.
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         b = rows // seq
         n = rows % seq
@@ -147,29 +173,35 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-# Launch configs: (tokens per program, warps) and, for rms_rope, the form ("pairs": channels loaded as
-# (even, odd) pairs, _rms_rope_kernel; "flat": one contiguous run per token, _rms_rope_flat_kernel). None: the
-# "pairs" form, one token per program, warps by row width: what the H200 run of 2026-11-27 measured. Fixed,
-# not tuned per process: the layout sets the order of a row's sums, so a timing-based pick could change the
-# low bits of images between runs or ranks. benchmarks/gpu_check.py times every one of CONFIGS.
+# Launch configs: (tokens per program, warps, form). rms_rope's forms: "pairs" (channels loaded as (even, odd)
+# pairs, _rms_rope_kernel), "flat" (one contiguous run per token, regrouped into pairs in registers,
+# _rms_rope_flat_kernel), "partner" (one contiguous run, and each channel's partner read again from the cache,
+# _rms_rope_partner_kernel). layer_norm_modulate's: "per-token" shift and scale loads, or "shared" by a
+# program's tokens (where they are of one image). None: "pairs" / "per-token", one token per program, warps by
+# row width: what the H200 run of 2026-11-27 measured. Fixed, not tuned per process: the layout sets the
+# order of a row's sums, so a timing-based pick could change the low bits of images between runs or ranks.
+# benchmarks/gpu_check.py times every one of CONFIGS.
 CONFIGS: dict[str, tuple[tuple, ...]] = {
-    "rms_rope": ((1, 4, "pairs"), (1, 8, "pairs"), (2, 4, "pairs"), (4, 8, "pairs"),
-                 (1, 4, "flat"), (1, 8, "flat"), (2, 4, "flat"), (2, 8, "flat"), (4, 8, "flat"), (8, 8, "flat")),
-    "layer_norm_modulate": ((1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)),
+    "rms_rope": ((1, 4, "pairs"), (2, 4, "pairs"), (4, 8, "pairs"), (1, 4, "flat"), (2, 8, "flat"), (4, 8, "flat"),
+                 (1, 4, "partner"), (1, 8, "partner"), (2, 4, "partner"), (2, 8, "partner"), (4, 8, "partner")),
+    "layer_norm_modulate": ((1, 4, "per-token"), (1, 8, "per-token"), (2, 4, "per-token"), (2, 8, "per-token"),
+                            (4, 8, "per-token"), (8, 8, "per-token"), (2, 8, "shared"), (4, 8, "shared"),
+                            (8, 8, "shared")),
 }
 LAUNCH: dict[str, tuple | None] = {"rms_rope": None, "layer_norm_modulate": None}
+FORMS = {"rms_rope": ("pairs", "flat", "partner"), "layer_norm_modulate": ("per-token", "shared")}
 
 
 def _config(kernel: str, block: int) -> tuple:
     """The launch config of `kernel` for rows of `block` (a power of two) elements."""
     config = LAUNCH[kernel]
+    forms = FORMS[kernel]
     if config is None:
-        config = (1, max(1, min(8, block // 256))) + (("pairs",) if kernel == "rms_rope" else ())
-    forms = ("pairs", "flat") if kernel == "rms_rope" else ()
-    if (not isinstance(config, tuple) or len(config) != 2 + bool(forms) or (forms and config[2] not in forms)
+        config = (1, max(1, min(8, block // 256)), forms[0])
+    if (not isinstance(config, tuple) or len(config) != 3 or config[2] not in forms
             or not all(isinstance(v, int) and v >= 1 for v in config[:2])):
         raise ValueError(f"norm_kernels.LAUNCH[{kernel!r}] = {LAUNCH[kernel]!r}: expected None or (tokens per "
-                         f"program, warps{', form' if forms else ''}) like {CONFIGS[kernel][0]}")
+                         f"program, warps, form) with form one of {forms}, like {CONFIGS[kernel][0]}")
     return config
 
 
@@ -199,8 +231,8 @@ def rms_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, heads: i
     x, weight, rope = _rows(x), weight.float().contiguous(), rope.float().contiguous()
     out = torch.empty(b, n, heads, c // heads, device=x.device, dtype=x.dtype)
     rows, warps, form = _config("rms_rope", triton.next_power_of_2(c // 2))
-    kernel = _rms_rope_flat_kernel if form == "flat" else _rms_rope_kernel
-    block = triton.next_power_of_2(c if form == "flat" else c // 2)
+    kernel = {"pairs": _rms_rope_kernel, "flat": _rms_rope_flat_kernel, "partner": _rms_rope_partner_kernel}[form]
+    block = triton.next_power_of_2(c // 2 if form == "pairs" else c)
     with _device(x):
         kernel[(triton.cdiv(b * n, rows),)](
             x, weight, rope, out, b * n, n, x.stride(0), x.stride(1), eps, C=c, HALF_D=c // heads // 2,
@@ -226,11 +258,11 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     shift, scale = (t.float() if t.stride(-1) == 1 else t.float().contiguous() for t in (shift, scale))
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     block = triton.next_power_of_2(c)
-    rows, warps = _config("layer_norm_modulate", block)
+    rows, warps, form = _config("layer_norm_modulate", block)
     with _device(x):
         _layer_norm_modulate_kernel[(triton.cdiv(b * n, rows),)](
             x, shift, scale, out, b * n, n, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps, C=c,
-            BLOCK=block, ROWS=rows, SHARED=rows > 1 and n % rows == 0, num_warps=warps)
+            BLOCK=block, ROWS=rows, SHARED=form == "shared" and n % rows == 0, num_warps=warps)
     return out
 
 

@@ -38,7 +38,7 @@ def run_interpreted(code: str) -> str:
 
 def test_rms_rope_kernel_equals_the_reference():
     """Strided input (q and k as slices of one qkv projection), XL's head size 72 and a small one, float32 and
-    bf16, both forms (pairs and flat), 1, 2 and 4 tokens per program over 45 and 105 tokens (the last program
+    bf16, the three forms (pairs, flat, partner), 1, 2 and 4 tokens per program over 45 and 105 tokens (the last program
     partly masked)."""
     out = run_interpreted("""
         import torch.nn.functional as F
@@ -47,7 +47,8 @@ def test_rms_rope_kernel_equals_the_reference():
         checked = 0
         for (heads, head_dim, grid), dtype, config in itertools.product(
                 ((2, 72, 3), (3, 8, 5)), (torch.float32, torch.bfloat16),
-                ((1, 4, "pairs"), (2, 4, "pairs"), (1, 4, "flat"), (4, 8, "flat"))):
+                ((1, 4, "pairs"), (2, 4, "pairs"), (1, 4, "flat"), (4, 8, "flat"), (1, 4, "partner"),
+                 (4, 8, "partner"))):
             nk.LAUNCH["rms_rope"] = config
             c = heads * head_dim
             rope = rope_2d(grid, grid + 2, head_dim)
@@ -74,13 +75,14 @@ def test_rms_rope_kernel_equals_the_reference():
                 checked += 1
         print("checked", checked)
     """)
-    assert "checked 32" in out
+    assert "checked 48" in out
 
 
 def test_layer_norm_modulate_kernel_equals_the_reference():
     """Shift and scale as strided views of the (B, 6, D) modulation tensor, as the block passes them; 3 images
-    of 5 tokens (a program's tokens can span two images) and of 4 (with 1, 2 and 4 tokens per program, each
-    program's tokens are of one image, which loads its shift and scale once)."""
+    of 5 tokens (a program's tokens can span two images: the "shared" form loads per token there) and of 4
+    (with 2 tokens per program, each program's tokens are of one image, which loads its shift and scale once
+    in the "shared" form)."""
     out = run_interpreted("""
         torch.manual_seed(0)
         checked = 0
@@ -102,7 +104,7 @@ def test_layer_norm_modulate_kernel_equals_the_reference():
             checked += 1
         print("checked", checked)
     """)
-    assert "checked 32" in out
+    assert "checked 40" in out
 
 
 def test_fast_forwards_with_the_kernels_equal_the_models():
