@@ -305,13 +305,28 @@ def kernel_installed(kernel: str) -> bool:
     return _IMPORTABLE[kernel]
 
 
+# FlashAttention-4's forward tiling, as keyword arguments of its flash_attn.cute.interface._flash_attn_fwd
+# (tile_mn=(m, n), mma_pv_is_rs, intra_wg_overlap); empty: its public flash_attn_func with the library's own
+# choice per head size (on an H100 at XL's head size 72: 192 x 144 tiles). benchmarks/gpu_check.py times
+# others (FA4_TILINGS) at the 256 px shape; the tiling changes speed, not the result beyond the order of sums.
+FA4_CONFIG: dict[str, Any] = {}
+FA4_TILINGS = tuple({"tile_mn": tile, "mma_pv_is_rs": rs, "intra_wg_overlap": True} for tile, rs in (
+    ((192, 128), False), ((128, 128), True), ((128, 128), False), ((128, 160), False), ((192, 160), False),
+    ((128, 192), False)))
+
+
 @torch.library.custom_op("pixelflow::fa4_attention", mutates_args=())
 def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """FlashAttention-4's forward: q (B, Lq, H, d), k/v (B, Lk, H, d) -> (B, Lq, H, d), softmax scale `scale`.
-    An opaque operator: torch.compile calls it as it is instead of tracing into the kernel library, and its
-    just-in-time compilation happens on the first call (before any CUDA graph capture: see FastDenoiser)."""
-    from flash_attn.cute import flash_attn_func
-    out = flash_attn_func(q, k, v, softmax_scale=scale)
+    """FlashAttention-4's forward: q (B, Lq, H, d), k/v (B, Lk, H, d) -> (B, Lq, H, d), softmax scale `scale`,
+    tiled as FA4_CONFIG says. An opaque operator: torch.compile calls it as it is instead of tracing into the
+    kernel library, and its just-in-time compilation happens on the first call (before any CUDA graph capture:
+    see FastDenoiser)."""
+    if FA4_CONFIG:
+        from flash_attn.cute.interface import _flash_attn_fwd
+        out = _flash_attn_fwd(q, k, v, softmax_scale=scale, **FA4_CONFIG)
+    else:
+        from flash_attn.cute import flash_attn_func
+        out = flash_attn_func(q, k, v, softmax_scale=scale)
     out = out[0] if isinstance(out, tuple) else out  # (out, lse) in the 4.0 betas
     return out.contiguous()  # as the fake promises (the kernel's output already is: no copy)
 

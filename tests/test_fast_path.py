@@ -300,6 +300,25 @@ def test_fa4_kernel_is_exact_attention_and_one_compiled_region(fa4_stand_in, pip
     assert den.attention_choice == {(3, tokens): "fa4"} and den.status()["compiled_shapes"] == 1
 
 
+def test_fa4_tiling_goes_to_the_kernel(fa4_stand_in, monkeypatch):
+    """With FA4_CONFIG set, the op calls FA4's _flash_attn_fwd with that tiling (and the same result)."""
+    import flash_attn.cute as package
+
+    (Path(package.__file__).parent / "interface.py").write_text(FA4_STAND_IN.replace(
+        "def flash_attn_func(q, k, v, softmax_scale=None, **ignored):",
+        "def _flash_attn_fwd(q, k, v, softmax_scale=None, **ignored):\n    tilings.append(ignored)") +
+        "\ntilings = []\n")
+    import flash_attn.cute.interface as interface
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 10, 3, 16, generator=gen) for _ in range(3))
+    monkeypatch.setattr(fast, "FA4_CONFIG", dict(fast.FA4_TILINGS[1]))
+    out = fast._attend(q, k, v, "fa4")
+    assert max_abs(out, fast._attend(q, k, v, "sdpa")) < 1e-6 and out.is_contiguous()
+    assert interface.tilings == [{"tile_mn": (128, 128), "mma_pv_is_rs": True, "intra_wg_overlap": True}]
+    assert interface.calls and not package.calls  # the public function is not called with a tiling set
+
+
 def test_gelu_epilogue_check_tells_tanh_from_erf(monkeypatch):
     """PyTorch's CPU _addmm_activation applies the erf GELU: the check must refuse it in float32 and in bf16
     (where the forms still differ by ~10 % at x = -3), and accept a tanh GELU."""
