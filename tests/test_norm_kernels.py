@@ -195,3 +195,15 @@ def test_bad_launch_configs_are_named(monkeypatch, config):
     monkeypatch.setitem(norm_kernels.LAUNCH, "rms_rope", config)
     with pytest.raises(ValueError, match=r"LAUNCH\['rms_rope'\] = .*expected None or \(tokens per program"):
         norm_kernels._config("rms_rope", 1024)
+
+
+def test_every_launch_config_compiles_for_an_h100():
+    """The interpreter runs the kernels' arithmetic, not the GPU compiler: here every config of CONFIGS goes
+    through Triton's sm_90 compiler (to PTX and cubin, no GPU needed), as the fast path's would on an H100."""
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "norm_kernels_sm90.py")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| rms_rope |")
+            or line.startswith("| layer_norm_modulate |")]
+    assert len(rows) == sum(len(c) for c in norm_kernels.CONFIGS.values()), result.stdout
