@@ -17,8 +17,8 @@ case "${1:-}" in
     [[ $budget =~ ^[0-9]+$ ]] || { echo "BUDGET must be whole seconds, got '$budget'" >&2; exit 2; }
     shift 2
     if [ $# -eq 0 ]; then
-      set -- golden "plain path" "batch 64" "short whole-run" "self-attention" head_pad=0 fused_gelu=False cudnn \
-        attention=fa4
+      set -- golden "plain path" "batch 64" "short whole-run" "self-attention" "host syncs" head_pad=0 \
+        fused_gelu=False cudnn attention=fa4
     fi
     if [ -f .fa4b/rest.tar.xz ] && [ -d .fa4site ]; then
       tar -xJf .fa4b/rest.tar.xz -C .fa4site || echo "unpacking .fa4b failed: FlashAttention-4 may not import"

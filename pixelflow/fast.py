@@ -12,7 +12,8 @@ Switches (FastOptions; "auto" resolves per device: everything on for CUDA, nothi
   merge_qkv    q, k, v projections as one matmul (k, v for cross-attention), weights concatenated once.
   merge_adaln  every block's adaLN modulation Linear(SiLU(c)) as one matmul: c is the same for all blocks.
   compile      torch.compile of one transformer block (a regional compile: the 28 blocks share one compiled
-               region, recompiled once per input shape unless compile_dynamic). Fuses the elementwise work
+               region, recompiled once per input shape unless compile_dynamic; twice with fused_residual, where
+               the first block, with no residual pending, is its own region). Fuses the elementwise work
                (the gates and residuals with the RMSNorm before the MLP; without fused_norms also LayerNorm +
                modulation and RMSNorm + RoPE of q/k) into a few kernels, computing in float32 in registers
                without float32 round trips through memory.
@@ -30,6 +31,11 @@ Switches (FastOptions; "auto" resolves per device: everything on for CUDA, nothi
                adaLN modulation: one read and one write per token, where inductor's kernels for them ran at a
                fifth and a third of memory speed. "auto": on for CUDA when Triton imports; used only after
                a check on the device that both compile, run and match their references.
+  fused_residual  each block's gated MLP residual is added by the next LayerNorm + modulation kernel (the
+               final layer's for the last block), which writes the sum and the normalised tokens: per block
+               boundary one read of the residual stream and one kernel launch fewer than the add, then the
+               LayerNorm. The Triton LayerNorm kernel then runs even with fused_norms off. "auto": as
+               fused_norms; used only after its own check on the device.
   cuda_graphs  capture whole forwards as CUDA graphs, replayed per call: removes launch overhead where the
                work per launch is small (the coarse stages). "auto": forwards of at most graph_max_tokens tokens.
 
@@ -83,6 +89,7 @@ class FastOptions:
     head_pad: int | str = "auto"       # 0: no padding; n: attend at head size n (>= head_dim); "auto": measured
     fused_gelu: bool | str = "auto"
     fused_norms: bool | str = "auto"   # on the CPU (True) the operators run the reference formulas
+    fused_residual: bool | str = "auto"  # "auto": as fused_norms
     cuda_graphs: bool | str = "auto"   # True: every shape; "auto": forwards of at most graph_max_tokens tokens
     graph_max_tokens: int = 16384
 
@@ -99,6 +106,7 @@ class FastOptions:
             compile=auto(self.compile, cuda),
             fused_gelu=auto(self.fused_gelu, cuda),
             fused_norms=auto(self.fused_norms, cuda and norm_kernels.available()),
+            fused_residual=auto(self.fused_residual, auto(self.fused_norms, cuda and norm_kernels.available())),
             attention=auto(self.attention, "auto" if cuda else "default"),
             cuda_graphs=self.cuda_graphs if cuda else (False if self.cuda_graphs == "auto" else self.cuda_graphs),
         )
@@ -127,7 +135,7 @@ class FastOptions:
         if self.precision not in ("auto", "keep", *PRECISIONS):
             raise ValueError(f"precision must be one of 'auto', 'keep', {', '.join(map(repr, PRECISIONS))}; "
                              f"got {self.precision!r}")
-        for name in ("merge_qkv", "merge_adaln", "compile", "fused_gelu", "fused_norms"):
+        for name in ("merge_qkv", "merge_adaln", "compile", "fused_gelu", "fused_norms", "fused_residual"):
             value = getattr(self, name)
             if value not in (True, False, "auto"):
                 raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
@@ -152,7 +160,7 @@ class FastOptions:
     def is_plain(self) -> bool:
         """True when a resolved set of options changes nothing but the precision."""
         return not (self.merge_qkv or self.merge_adaln or self.compile or self.cuda_graphs or self.fused_gelu
-                    or self.fused_norms or self.head_pad) and self.attention == "default"
+                    or self.fused_norms or self.fused_residual or self.head_pad) and self.attention == "default"
 
 
 def accelerate(pipe, options: FastOptions | None = None, **switches: Any):
@@ -260,16 +268,21 @@ def _mlp(h: torch.Tensor, w: dict, fused_gelu: bool) -> torch.Tensor:
 
 
 def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dict, spec: tuple,
-                  context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                  context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                  pending: tuple[torch.Tensor, torch.Tensor] | None = None):
     """One PixelFlowBlock (pixelflow/model/pixelflow_model.py) on dense tokens, the same operations in the same
     order, from a dict of (possibly merged) weights. Compiled as one region and reused by every block.
 
     x: (B, N, D); mod: (B, 6, D) float32 adaLN outputs (shift1, scale1, gate1, shift2, scale2, gate2);
     rope: (N, head_dim, 2) float32; spec: (heads, head_dim, rms eps, attention kernel, attention head size or 0,
-    fused_gelu, fused_norms).
+    fused_gelu, fused_norms, fused_residual). pending: the previous block's MLP output and gate2, not yet added
+    to x (fused_residual). Returns (x, None), or with fused_residual (x, (mlp output, gate2)): this block's
+    residual, left for the next block's LayerNorm kernel (or the final layer's) to add.
     """
     shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
-    if spec[6]:
+    if pending is not None:
+        x, h = norm_kernels.add_layer_norm_modulate(x, pending[0], pending[1], shift1, scale1, LAYER_NORM_EPS)
+    elif spec[6]:
         h = norm_kernels.layer_norm_modulate(x, shift1, scale1, LAYER_NORM_EPS)
     else:
         h = F.layer_norm(x, (x.shape[-1],), eps=LAYER_NORM_EPS)
@@ -280,10 +293,12 @@ def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dic
         x = x + _cross_attention(_rms(x, w["norm2"], spec[2]), rope, context, context_mask, w, spec)
     h = torch.addcmul(shift2[:, None], _rms(x, w["norm3"], spec[2]), 1 + scale2[:, None]).to(x.dtype)
     h = _mlp(h, w, spec[5])
-    return x + (h * gate2[:, None]).to(x.dtype)
+    if spec[7]:
+        return x, (h, gate2)
+    return x + (h * gate2[:, None]).to(x.dtype), None
 
 
-def block_forward_large(*args, **kwargs) -> torch.Tensor:
+def block_forward_large(*args, **kwargs):
     """block_forward, for forwards compiled in compile_mode when compile_mode_min_tokens splits the shapes."""
     return block_forward(*args, **kwargs)
 
@@ -557,7 +572,8 @@ class FastDenoiser:
 
     def __init__(self, model: torch.nn.Module, options: FastOptions, autocast_dtype: torch.dtype | None = None):
         if options.precision == "auto" or "auto" in (options.merge_qkv, options.merge_adaln, options.compile,
-                                                     options.fused_gelu, options.fused_norms):
+                                                     options.fused_gelu, options.fused_norms,
+                                                     options.fused_residual):
             raise ValueError("FastDenoiser needs resolved options: pass options.resolve(device)")
         self.model = model
         self.options = options
@@ -582,6 +598,13 @@ class FastDenoiser:
             warnings.warn(f"the Triton normalisation kernels do not compile, run or match their references on "
                           f"{self.device} ({self.weight_dtype}): fused_norms is off")
             self.fused_norms = False
+        self.fused_residual = bool(options.fused_residual)
+        if self.fused_residual and (self.device.type == "cuda" or norm_kernels.INTERPRET) and not norm_kernels.works(
+                self.device, self.weight_dtype, model.hidden_size, model.num_attention_heads,
+                model.attention_head_dim, ops=("add_layer_norm_modulate",)):
+            warnings.warn(f"the Triton residual + LayerNorm kernel does not compile, run or match its reference on "
+                          f"{self.device} ({self.weight_dtype}): fused_residual is off")
+            self.fused_residual = False
         self._weights: dict | None = None
         self._version: int | None = None
         self._graphs: dict[tuple, Any] = {}
@@ -589,7 +612,7 @@ class FastDenoiser:
         self._compiled: dict[tuple, Any] = {}  # input shapes -> the block function used for them
         self._block = self._block_large = block_forward
         if options.compile:
-            _raise_recompile_limit(64)
+            _raise_recompile_limit(128)  # two regions per shape with fused_residual
             # Static shapes by default; compile_dynamic marks the batch and token dims dynamic (see _forward).
             compile = partial(torch.compile, dynamic=None if options.compile_dynamic else False, fullgraph=True,
                               backend=options.compile_backend)
@@ -719,7 +742,7 @@ class FastDenoiser:
         rope = m.rope_table(gh, gw, x.device)
         kernel, pad = self._attention_kernel(b, gh * gw)
         spec = (m.num_attention_heads, m.attention_head_dim, m.transformer_blocks[0].norm3.eps, kernel, pad,
-                self.fused_gelu, self.fused_norms)
+                self.fused_gelu, self.fused_norms, self.fused_residual)
         silu_c = F.silu(c)
         if "ada_w" in w:  # merged: (B, depth * 6D) -> (B, depth, 6, D)
             mods = F.linear(silu_c, w["ada_w"], w["ada_b"]).float().unflatten(-1, (len(w["blocks"]), 6, -1)).unbind(1)
@@ -729,10 +752,17 @@ class FastDenoiser:
             for t in (tokens, *mods, rope) + (() if context is None else (context,)):
                 torch._dynamo.mark_dynamic(t, 0)
             torch._dynamo.mark_dynamic(tokens, 1)
-        block = self._block_for(tokens, mods[0], rope, w["blocks"][0], spec, context, mask)
+        pending, blocks = None, {}  # with fused_residual the first block (nothing pending) is its own shape
         for mod, bw in zip(mods, w["blocks"]):
-            tokens = block(tokens, mod, rope, bw, spec, context, mask)
-        return m.unpatchify(m.final_layer(tokens, c), gh, gw)
+            if (pending is None) not in blocks:
+                blocks[pending is None] = self._block_for(tokens, mod, rope, bw, spec, context, mask, pending)
+            tokens, pending = blocks[pending is None](tokens, mod, rope, bw, spec, context, mask, pending)
+        if pending is None:
+            return m.unpatchify(m.final_layer(tokens, c), gh, gw)
+        # The last block's residual, added by the final layer's LayerNorm + modulation (as m.final_layer).
+        shift, scale = m.proj_out_1(silu_c).float().chunk(2, dim=-1)
+        _, h = norm_kernels.add_layer_norm_modulate(tokens, *pending, shift, scale, LAYER_NORM_EPS)
+        return m.unpatchify(m.proj_out_2(h), gh, gw)
 
     def _block_for(self, *args):
         """The compiled block, compiled here for a new shape (in compile_mode, or in the default mode below
@@ -740,7 +770,7 @@ class FastDenoiser:
         slower, same numbers)."""
         if self._block is block_forward:
             return block_forward
-        key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else None for a in args) + \
+        key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args) + \
             (torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None,)
         if key not in self._compiled:
             tokens = args[0].shape[0] * args[0].shape[1]
@@ -796,9 +826,11 @@ class FastDenoiser:
 
     def status(self) -> dict:
         """What the fast path did so far: attention kernel per (rows, tokens), whether the Triton norm kernels
-        are in use (fused_norms after the device check), CUDA graphs captured and failed,
-        block shapes compiled (of these, in compile_mode) and shapes that fell back to the plain block."""
-        return {"attention": dict(self.attention_choice), "fused_norms": self.fused_norms, "graphs": self.num_graphs,
+        are in use (fused_norms, fused_residual after the device check), CUDA graphs captured and failed,
+        block regions compiled (one per input shape, two with fused_residual; of these, in compile_mode) and
+        regions that fell back to the plain block."""
+        return {"attention": dict(self.attention_choice), "fused_norms": self.fused_norms,
+                "fused_residual": self.fused_residual, "graphs": self.num_graphs,
                 "graph_failures": sum(1 for e in self._graphs.values() if e is False),
                 "compiled_shapes": sum(1 for f in self._compiled.values() if f is not block_forward),
                 "compile_mode_shapes": sum(1 for f in self._compiled.values()

@@ -5,9 +5,11 @@ At 256 px (XL, 32 rows of 4096 tokens, H100, bf16) inductor's kernels for them t
                                  write q once), reading the (N, d, 2) float32 RoPE table for every element
   LayerNorm + adaLN modulation   16.9 ms (0.60 ms per block, ~3x)
 Here a program takes one token (or a few, see LAUNCH), reads its row once, reduces in registers and writes the
-result, with the RoPE angles read once per pair position and shared by all heads.
+result, with the RoPE angles read once per pair position and shared by all heads. A third operator,
+add_layer_norm_modulate, first adds the previous block's gated MLP output to the residual stream (fast.py's
+fused_residual), so that the sum is read once for both.
 
-Both are custom operators, opaque to torch.compile. They launch the Triton kernel for CUDA tensors (or for
+All three are custom operators, opaque to torch.compile. They launch the Triton kernel for CUDA tensors (or for
 CPU tensors under TRITON_INTERPRET=1, which is how tests/test_norm_kernels.py runs the kernels on the CPU) and
 compute the reference formulas otherwise. On CUDA, results equal the model's own computation under autocast up
 to the order of the sums (and each rounding's direction). The one difference is on the CPU under bf16 autocast,
@@ -58,6 +60,14 @@ def layer_norm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: t
     The LayerNorm output stays float32, as under autocast (where layer_norm computes in float32)."""
     h = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
     return torch.addcmul(shift.float()[:, None], h, 1 + scale.float()[:, None]).to(x.dtype)
+
+
+def add_layer_norm_modulate_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                                      scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's gated residual, then the next LayerNorm + modulation: s = x + (y * gate) rounded to x's
+    dtype, as the model adds it; returns (s, layer_norm_modulate_reference(s, shift, scale, eps))."""
+    total = x + (y * gate[:, None]).to(x.dtype)
+    return total, layer_norm_modulate_reference(total, shift, scale, eps)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -142,28 +152,45 @@ if triton is not None:
         tl.store(out_ptr + (rows * C)[:, None] + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _layer_norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, n_rows, seq, stride_b, stride_n,
-                                    shift_stride, scale_stride, eps, C: tl.constexpr, BLOCK: tl.constexpr,
-                                    ROWS: tl.constexpr, SHARED: tl.constexpr):
+    def _per_image(ptr, stride, b, image, c, mask, C: tl.constexpr, SHARED: tl.constexpr):
+        """A (B, C) float32 tensor's rows for a program's tokens: (ROWS, BLOCK), or (1, BLOCK) when SHARED."""
+        if SHARED:
+            rows = tl.load(ptr + image * stride + c[None, :], mask=(c < C)[None, :], other=0.0)
+        else:
+            rows = tl.load(ptr + (b * stride)[:, None] + c[None, :], mask=mask, other=0.0)
+        return rows
+
+    @triton.jit
+    def _layer_norm_modulate_kernel(x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, sum_ptr, out_ptr, n_rows, seq,
+                                    stride_b, stride_n, y_stride_b, y_stride_n, gate_stride, shift_stride,
+                                    scale_stride, eps, C: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                                    SHARED: tl.constexpr, RESIDUAL: tl.constexpr):
         # SHARED ("shared" form, where ROWS divides seq): a program's tokens are of one image and share its
-        # shift and scale, loaded once (float32, each twice a bf16 token's size), at the cost of a layout change.
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        # shift and scale (and gate), loaded once (float32, each twice a bf16 token's size), at the cost of a
+        # layout change. RESIDUAL: first x <- x + (y * gate) rounded to x's dtype, as the block adds its gated
+        # MLP branch to the residual stream, and that sum is written out too.
+        pid_rows = tl.program_id(0).to(tl.int64) * ROWS
+        rows = pid_rows + tl.arange(0, ROWS)
         b = rows // seq
         n = rows % seq
+        image = pid_rows // seq
         c = tl.arange(0, BLOCK)
         mask = (rows < n_rows)[:, None] & (c < C)[None, :]
         x = tl.load(x_ptr + (b * stride_b + n * stride_n)[:, None] + c[None, :], mask=mask,
                     other=0.0).to(tl.float32)
+        if RESIDUAL:
+            y = tl.load(y_ptr + (b * y_stride_b + n * y_stride_n)[:, None] + c[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            gate = _per_image(gate_ptr, gate_stride, b, image, c, mask, C, SHARED)
+            dtype = sum_ptr.dtype.element_ty
+            x = (x + (y * gate).to(dtype).to(tl.float32)).to(dtype)
+            tl.store(sum_ptr + (rows * C)[:, None] + c[None, :], x, mask=mask)
+            x = x.to(tl.float32)
         mean = tl.sum(x, axis=1) / C
         centred = tl.where(mask, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)
-        if SHARED:
-            image = (tl.program_id(0).to(tl.int64) * ROWS) // seq
-            shift = tl.load(shift_ptr + image * shift_stride + c[None, :], mask=(c < C)[None, :], other=0.0)
-            scale = tl.load(scale_ptr + image * scale_stride + c[None, :], mask=(c < C)[None, :], other=0.0)
-        else:
-            shift = tl.load(shift_ptr + (b * shift_stride)[:, None] + c[None, :], mask=mask, other=0.0)
-            scale = tl.load(scale_ptr + (b * scale_stride)[:, None] + c[None, :], mask=mask, other=0.0)
+        shift = _per_image(shift_ptr, shift_stride, b, image, c, mask, C, SHARED)
+        scale = _per_image(scale_ptr, scale_stride, b, image, c, mask, C, SHARED)
         out = shift + (centred * rstd[:, None]) * (1 + scale)
         tl.store(out_ptr + (rows * C)[:, None] + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -188,8 +215,10 @@ CONFIGS: dict[str, tuple[tuple, ...]] = {
                             (4, 8, "per-token"), (8, 8, "per-token"), (2, 8, "shared"), (4, 8, "shared"),
                             (8, 8, "shared")),
 }
-LAUNCH: dict[str, tuple | None] = {"rms_rope": None, "layer_norm_modulate": None}
-FORMS = {"rms_rope": ("pairs", "flat", "partner"), "layer_norm_modulate": ("per-token", "shared")}
+CONFIGS["add_layer_norm_modulate"] = CONFIGS["layer_norm_modulate"]  # the same kernel, with the residual
+LAUNCH: dict[str, tuple | None] = {"rms_rope": None, "layer_norm_modulate": None, "add_layer_norm_modulate": None}
+FORMS = {"rms_rope": ("pairs", "flat", "partner"), "layer_norm_modulate": ("per-token", "shared"),
+         "add_layer_norm_modulate": ("per-token", "shared")}
 
 
 def _config(kernel: str, block: int) -> tuple:
@@ -245,25 +274,41 @@ def _(x, weight, rope, heads, eps):
     return x.new_empty(*x.shape[:-1], heads, x.shape[-1] // heads)
 
 
+def _check_layer_norm(op: str, x: torch.Tensor, *per_image: torch.Tensor, names: str = "shift, scale") -> None:
+    if x.ndim != 3 or any(t.shape != (x.shape[0], x.shape[2]) for t in per_image):
+        raise ValueError(f"{op} needs x (B, N, D) and {names} (B, D); got x {tuple(x.shape)}, " +
+                         ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(names.split(", "), per_image)))
+
+
+def _layer_norm_launch(kernel: str, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                       y: torch.Tensor | None = None, gate: torch.Tensor | None = None):
+    """Launches _layer_norm_modulate_kernel; returns (sum or None, normalised)."""
+    b, n, c = x.shape
+    x = _rows(x)
+    shift, scale, gate = (None if t is None else t.float() if t.stride(-1) == 1 else t.float().contiguous()
+                          for t in (shift, scale, gate))
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    total = None if y is None else torch.empty_like(out)
+    y = None if y is None else _rows(y)  # any float dtype: the kernel rounds only the product, as the reference
+    block = triton.next_power_of_2(c)
+    rows, warps, form = _config(kernel, block)
+    residual = y is not None
+    with _device(x):
+        _layer_norm_modulate_kernel[(triton.cdiv(b * n, rows),)](
+            x, y if residual else x, gate if residual else shift, shift, scale, total if residual else out, out,
+            b * n, n, x.stride(0), x.stride(1), *(y.stride()[:2] if residual else (0, 0)),
+            gate.stride(0) if residual else 0, shift.stride(0), scale.stride(0), eps, C=c, BLOCK=block, ROWS=rows,
+            SHARED=form == "shared" and n % rows == 0, RESIDUAL=residual, num_warps=warps)
+    return total, out
+
+
 @torch.library.custom_op("pixelflow::layer_norm_modulate", mutates_args=())
 def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """layer_norm_modulate_reference as one kernel: x (B, N, D), shift/scale (B, D) -> (B, N, D), x's dtype."""
-    if x.ndim != 3 or shift.shape != (x.shape[0], x.shape[2]) or scale.shape != shift.shape:
-        raise ValueError(f"layer_norm_modulate needs x (B, N, D) and shift, scale (B, D); got x {tuple(x.shape)}, "
-                         f"shift {tuple(shift.shape)}, scale {tuple(scale.shape)}")
+    _check_layer_norm("layer_norm_modulate", x, shift, scale)
     if not _launch(x):
         return layer_norm_modulate_reference(x, shift, scale, eps)
-    b, n, c = x.shape
-    x = _rows(x)
-    shift, scale = (t.float() if t.stride(-1) == 1 else t.float().contiguous() for t in (shift, scale))
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    block = triton.next_power_of_2(c)
-    rows, warps, form = _config("layer_norm_modulate", block)
-    with _device(x):
-        _layer_norm_modulate_kernel[(triton.cdiv(b * n, rows),)](
-            x, shift, scale, out, b * n, n, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps, C=c,
-            BLOCK=block, ROWS=rows, SHARED=form == "shared" and n % rows == 0, num_warps=warps)
-    return out
+    return _layer_norm_launch("layer_norm_modulate", x, shift, scale, eps)[1]
 
 
 @layer_norm_modulate.register_fake
@@ -271,24 +316,47 @@ def _(x, shift, scale, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("pixelflow::add_layer_norm_modulate", mutates_args=())
+def add_layer_norm_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                            scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_layer_norm_modulate_reference as one kernel: x, y (B, N, D), gate/shift/scale (B, D) -> (sum,
+    normalised), both (B, N, D) in x's dtype: x and y read once, where an add kernel and then the LayerNorm
+    kernel would read x, y and the sum."""
+    _check_layer_norm("add_layer_norm_modulate", x, gate, shift, scale, names="gate, shift, scale")
+    if y.shape != x.shape:
+        raise ValueError(f"add_layer_norm_modulate needs y shaped like x {tuple(x.shape)}, got {tuple(y.shape)}")
+    if not _launch(x):
+        total, out = add_layer_norm_modulate_reference(x, y, gate, shift, scale, eps)
+        return total.contiguous(), out
+    return _layer_norm_launch("add_layer_norm_modulate", x, shift, scale, eps, y=y, gate=gate)
+
+
+@add_layer_norm_modulate.register_fake
+def _(x, y, gate, shift, scale, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
 _WORKS: dict[tuple, bool] = {}
 
 
-def works(device: torch.device | str, dtype: torch.dtype, hidden: int, heads: int, head_dim: int) -> bool:
-    """Whether both kernels compile, run and match their references on `device` at a model's widths (the
-    kernels are compiled per width), on a few tokens. Cached. False without Triton (the operators would run
-    the reference formulas, unfused). The fast path checks this before using them, as it checks the GELU
+def works(device: torch.device | str, dtype: torch.dtype, hidden: int, heads: int, head_dim: int,
+          ops: tuple[str, ...] = ("rms_rope", "layer_norm_modulate")) -> bool:
+    """Whether the kernels of `ops` compile, run and match their references on `device` at a model's widths
+    (the kernels are compiled per width), on a few tokens. Cached. False without Triton (the operators would
+    run the reference formulas, unfused). The fast path checks this before using them, as it checks the GELU
     epilogue, so that a GPU or a Triton they fail on costs speed, not a crash."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, dtype, hidden, heads, head_dim, tuple(LAUNCH.items()))
+    key = (device, dtype, hidden, heads, head_dim, tuple(ops), tuple(LAUNCH.items()))
     if key not in _WORKS:
-        _WORKS[key] = available() and _works(device, dtype, hidden, heads, head_dim)
+        _WORKS[key] = available() and _works(device, dtype, hidden, heads, head_dim, ops)
     return _WORKS[key]
 
 
-def _works(device: torch.device, dtype: torch.dtype, hidden: int, heads: int, head_dim: int) -> bool:
+def _works(device: torch.device, dtype: torch.dtype, hidden: int, heads: int, head_dim: int,
+           ops: tuple[str, ...]) -> bool:
     # 2 x 16 tokens: Triton compiles integer arguments divisible by 16 (as every stage's token counts are) into
     # their own variant; q and k slices of a qkv projection and a contiguous q (no merge, cross-attention).
     inner = heads * head_dim
@@ -296,12 +364,19 @@ def _works(device: torch.device, dtype: torch.dtype, hidden: int, heads: int, he
     qkv = torch.randn(2, 16, 3 * inner, device=device, generator=gen).to(dtype)
     weight = torch.rand(inner, device=device, generator=gen) + 0.5
     rope = rope_2d(4, 4, head_dim, device=device)
-    h = torch.randn(2, 16, hidden, device=device, generator=gen).to(dtype)
-    shift, scale = torch.randn(2, 6, hidden, device=device, generator=gen).unbind(1)[:2]
+    h, y = torch.randn(2, 2, 16, hidden, device=device, generator=gen).to(dtype)
+    shift, scale, gate = torch.randn(2, 6, hidden, device=device, generator=gen).unbind(1)[:3]
     try:
-        pairs = [(rms_rope(x, weight, rope, heads, 1e-6), rms_rope_reference(x, weight, rope, heads, 1e-6))
-                 for x in (qkv[..., :inner], qkv[..., inner:2 * inner], qkv[..., :inner].contiguous())]
-        pairs.append((layer_norm_modulate(h, shift, scale, 1e-6), layer_norm_modulate_reference(h, shift, scale, 1e-6)))
+        pairs = []
+        if "rms_rope" in ops:
+            pairs += [(rms_rope(x, weight, rope, heads, 1e-6), rms_rope_reference(x, weight, rope, heads, 1e-6))
+                      for x in (qkv[..., :inner], qkv[..., inner:2 * inner], qkv[..., :inner].contiguous())]
+        if "layer_norm_modulate" in ops:
+            pairs.append((layer_norm_modulate(h, shift, scale, 1e-6),
+                          layer_norm_modulate_reference(h, shift, scale, 1e-6)))
+        if "add_layer_norm_modulate" in ops:
+            pairs += zip(add_layer_norm_modulate(h, y, gate, shift, scale, 1e-6),
+                         add_layer_norm_modulate_reference(h, y, gate, shift, scale, 1e-6))
         return all(bool(((out.float() - ref.float()).abs() <= 2 ** -6 * ref.float().abs().max()).all())
                    for out, ref in pairs)
     except Exception:  # noqa: BLE001 - compile or launch failure: not usable here

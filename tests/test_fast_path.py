@@ -76,17 +76,18 @@ def test_every_switch_can_be_turned_off(plain_pipe):
     fast.accelerate(plain_pipe, **off)
     assert plain_pipe.denoiser is plain_pipe.model
     for name, on in [("merge_qkv", True), ("merge_adaln", True), ("compile", True), ("attention", "math"),
-                     ("head_pad", 32), ("fused_gelu", True), ("fused_norms", True)]:
+                     ("head_pad", 32), ("fused_gelu", True), ("fused_norms", True), ("fused_residual", True)]:
         options = fast.FastOptions(**{**off, name: on}).resolve("cpu")
         assert not options.is_plain and getattr(options, name) == on
     cuda = fast.FastOptions().resolve("cuda")
     assert (cuda.precision, cuda.merge_qkv, cuda.merge_adaln, cuda.compile, cuda.attention, cuda.cuda_graphs,
             cuda.head_pad, cuda.fused_gelu) == ("bf16", True, True, True, "auto", "auto", "auto", True)
-    assert cuda.fused_norms == norm_kernels.available()  # the Triton kernels, where Triton imports
+    assert cuda.fused_norms == cuda.fused_residual == norm_kernels.available()  # the Triton kernels, if Triton imports
+    assert fast.FastOptions(fused_norms=False).resolve("cuda").fused_residual is False  # "auto" follows fused_norms
     # A fixed kernel pads only when told to; the CPU resolves "auto" to the plain choice.
     assert fast.FastOptions(attention="cudnn").resolve("cuda").head_pad == 0
     cpu = fast.FastOptions().resolve("cpu")
-    assert (cpu.head_pad, cpu.fused_gelu, cpu.fused_norms) == (0, False, False)
+    assert (cpu.head_pad, cpu.fused_gelu, cpu.fused_norms, cpu.fused_residual) == (0, False, False, False)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -117,9 +118,10 @@ def test_unknown_switch_is_an_error(plain_pipe):
 # ---------------------------------------------------------------------------------------------- forwards
 @pytest.mark.parametrize("switches", [
     {}, dict(merge_qkv=True), dict(merge_adaln=True), dict(attention="math"), dict(head_pad=24),
-    dict(head_pad=128, attention="math"), dict(fused_gelu=True), dict(fused_norms=True), ALL_CPU_SWITCHES,
+    dict(head_pad=128, attention="math"), dict(fused_gelu=True), dict(fused_norms=True, fused_residual=False),
+    dict(fused_residual=True), ALL_CPU_SWITCHES,
 ], ids=["none", "merge_qkv", "merge_adaln", "attention_math", "head_pad_24", "head_pad_128", "fused_gelu",
-        "fused_norms", "all"])
+        "fused_norms", "fused_residual", "all"])
 def test_forward_equals_model(pipe, switches):
     x, t, labels = forward_inputs()
     with torch.no_grad():
@@ -286,7 +288,7 @@ def test_fa4_kernel_is_exact_attention_and_one_compiled_region(fa4_stand_in, pip
     model = pipe.model
     options = fast.FastOptions(precision="keep", merge_qkv=True, merge_adaln=True, compile=True,
                                compile_backend="aot_eager", attention="fa4", head_pad=0, fused_gelu=False,
-                               fused_norms=False, cuda_graphs=False)
+                               fused_norms=False, fused_residual=False, cuda_graphs=False)
     torch._dynamo.reset()
     den = fast.FastDenoiser(model, options)
     x, t, labels = forward_inputs()
@@ -415,6 +417,24 @@ def test_compiled_block_is_one_region_per_shape(make_tiny_model):
             out = den(x, t, class_labels=labels % model.num_classes)
             assert max_abs(out, model(x, t, class_labels=labels % model.num_classes)) < EXACT_ATOL
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_fused_residual_compiles_two_regions_per_shape(make_tiny_model):
+    """With fused_residual the first block (nothing pending) and the others are two compiled regions per
+    shape, each one graph, and the forward is the model's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_tiny_model(depth=3).eval()
+    torch.nn.init.normal_(model.proj_out_2.weight, std=0.02)
+    den = denoiser(model, merge_qkv=True, fused_norms=True, fused_residual=True, **EAGER_COMPILE)
+    x, t, labels = forward_inputs(batch=2, size=16)
+    with torch.no_grad():
+        assert max_abs(den(x, t, class_labels=labels % model.num_classes),
+                       model(x, t, class_labels=labels % model.num_classes)) < EXACT_ATOL
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert den.status()["compiled_shapes"] == 2 and den.status()["fused_residual"] is True
 
 
 def test_compile_mode_only_from_min_tokens(make_tiny_model):
@@ -558,7 +578,9 @@ def test_gpu_check_dry_run_without_omegaconf(tmp_path):
     assert all(v.startswith("ok") for v in report["sections"].values()), report["sections"]
     assert report["environment"]["omegaconf"] is False
     assert report["fast_vs_plain_images"]["max_uint8"] == 0
-    assert len(report["forward_variants"]) == 7, result.stdout[-3000:]  # every variant ran
+    assert len(report["forward_variants"]) == 9, result.stdout[-3000:]  # every variant ran
     assert {r["operation"] for r in report["norm_kernels"]} == {"RMSNorm + RoPE (q of a qkv projection)",
-                                                                 "LayerNorm + modulation"}
+                                                                 "LayerNorm + modulation",
+                                                                 "gated residual + LayerNorm + modulation"}
+    assert "fa4_tilings" not in report  # FA4 does not import here: the section says so and times nothing
     assert all(v["max_abs_vs_default"] < 1e-5 for v in report["forward_variants"])

@@ -82,7 +82,7 @@ def test_layer_norm_modulate_kernel_equals_the_reference():
     """Shift and scale as strided views of the (B, 6, D) modulation tensor, as the block passes them; 3 images
     of 5 tokens (a program's tokens can span two images: the "shared" form loads per token there) and of 4
     (with 2 tokens per program, each program's tokens are of one image, which loads its shift and scale once
-    in the "shared" form)."""
+    in the "shared" form). Each case also through add_layer_norm_modulate (the same kernel, residual first)."""
     out = run_interpreted("""
         torch.manual_seed(0)
         checked = 0
@@ -101,6 +101,27 @@ def test_layer_norm_modulate_kernel_equals_the_reference():
             # not trivially: the modulation matters
             plain = nk.layer_norm_modulate_reference(x, torch.zeros_like(shift), torch.zeros_like(scale), 1e-6)
             assert ((out.float() - plain.float()).abs() > bound).any()
+
+            # With the residual first, x, y and gate each with its own strides (x a token slice, y a channel
+            # slice, gate a strided view): the sum rounds exactly as the model's
+            # x + (y * gate).to(dtype), the interpreter's rounding being truncation (bf16(t) below), and the
+            # normalised output is layer_norm_modulate of that sum.
+            nk.LAUNCH["add_layer_norm_modulate"] = config
+            gate = torch.randn(3, 2, dim)[:, 1]  # strides unlike shift's and scale's
+            xs = (torch.randn(3, seq + 2, dim) * 4 + 2).to(dtype)[:, 1:-1]
+            y = (torch.randn(3, seq, dim + 8) * 3).to(dtype)[..., 4:-4]
+            total, out = nk.add_layer_norm_modulate(xs, y, gate, shift, scale, 1e-6)
+            assert total.shape == out.shape == xs.shape and total.dtype == out.dtype == dtype
+            assert total.is_contiguous() and out.is_contiguous()
+            if dtype == torch.float32:
+                expected = xs + y * gate[:, None]
+            else:
+                bf16 = lambda t: (t.view(torch.int32) & -65536).view(torch.float32)  # noqa: E731 - truncate
+                expected = bf16(xs.float() + bf16(y.float() * gate[:, None]))
+            assert torch.equal(total.float(), expected.float()), (dim, dtype, config)
+            ref = nk.layer_norm_modulate_reference(total, shift, scale, 1e-6).float()
+            bound = 1e-5 if dtype == torch.float32 else 2 ** -6 * ref.abs() + 1e-4
+            assert ((out.float() - ref).abs() <= bound).all(), (dim, dtype, config, "add")
             checked += 1
         print("checked", checked)
     """)
@@ -109,7 +130,9 @@ def test_layer_norm_modulate_kernel_equals_the_reference():
 
 def test_fast_forwards_with_the_kernels_equal_the_models():
     """Whole FastDenoiser forwards with the kernels inside (both counted) against the golden tiny models in
-    float32: class-to-image, and text-to-image, where the cross-attention queries go through rms_rope too."""
+    float32: class-to-image, and text-to-image, where the cross-attention queries go through rms_rope too;
+    with fused_residual (every block after the first, and the final layer, add the residual in the LayerNorm
+    kernel), and class-to-image without it."""
     out = run_interpreted("""
         from pixelflow import fast
         from pixelflow.checkpoint import load_pretrained
@@ -121,8 +144,6 @@ def test_fast_forwards_with_the_kernels_equal_the_models():
                     launches[name] += 1
                     return kernel[grid]
             setattr(nk, name, Counting())
-        options = fast.FastOptions(merge_qkv=True, merge_adaln=True, attention="default",
-                                   fused_norms=True).resolve("cpu")
         c2i, _ = load_pretrained("tests/golden/c2i_ckpt", device="cpu")
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(2, 3, 16, 16, generator=gen)
@@ -132,9 +153,11 @@ def test_fast_forwards_with_the_kernels_equal_the_models():
                  (t2i, (case["hidden_states"], case["timestep"]),
                   dict(encoder_hidden_states=case["encoder_hidden_states"],
                        encoder_attention_mask=case["encoder_attention_mask"]))]
-        for model, args, kwargs in calls:
+        for (model, args, kwargs), residual in zip(calls[:1] + calls, (False, True, True)):
+            options = fast.FastOptions(merge_qkv=True, merge_adaln=True, attention="default", fused_norms=True,
+                                       fused_residual=residual).resolve("cpu")
             den = fast.FastDenoiser(model, options)  # checks the kernels at the model's widths (works())
-            assert den.status()["fused_norms"] is True
+            assert den.status()["fused_norms"] is True and den.status()["fused_residual"] is residual
             before = dict(launches)
             with torch.no_grad():
                 expected = model(*args, **kwargs)
@@ -142,32 +165,38 @@ def test_fast_forwards_with_the_kernels_equal_the_models():
             depth = len(model.transformer_blocks)
             cross = hasattr(model.transformer_blocks[0], "attn2")
             assert launches["_rms_rope_kernel"] - before["_rms_rope_kernel"] == depth * (3 if cross else 2)
-            assert launches["_layer_norm_modulate_kernel"] - before["_layer_norm_modulate_kernel"] == depth
+            assert launches["_layer_norm_modulate_kernel"] - before["_layer_norm_modulate_kernel"] == depth + residual
             err = (out - expected).abs().max().item()
             assert err < 1e-5, err
             print("max abs", err)
     """)
-    assert out.count("max abs") == 2
+    assert out.count("max abs") == 3
 
 
 def test_kernels_that_do_not_compile_are_refused_before_any_forward():
     """works() runs both kernels at a model's widths: a launch config Triton cannot compile (3 tokens per
     program: block sizes must be powers of two) makes it False, and the fast path then warns, turns
-    fused_norms off and computes the same forward without them."""
+    fused_norms off (and fused_residual, whose kernel is checked on its own) and computes the same forward
+    without them."""
     out = run_interpreted("""
         import warnings
         from pixelflow import fast
         from pixelflow.checkpoint import load_pretrained
         assert nk.works("cpu", torch.bfloat16, hidden=40, heads=2, head_dim=8)
         nk.LAUNCH["rms_rope"] = (3, 4, "pairs")
+        nk.LAUNCH["add_layer_norm_modulate"] = (3, 4, "per-token")
         assert not nk.works("cpu", torch.bfloat16, hidden=40, heads=2, head_dim=8)
+        assert not nk.works("cpu", torch.bfloat16, hidden=40, heads=2, head_dim=8, ops=("add_layer_norm_modulate",))
+        assert nk.works("cpu", torch.bfloat16, hidden=40, heads=2, head_dim=8, ops=("layer_norm_modulate",))
         model, _ = load_pretrained("tests/golden/c2i_ckpt", device="cpu")
         options = fast.FastOptions(merge_qkv=True, attention="default", fused_norms=True).resolve("cpu")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             den = fast.FastDenoiser(model, options)
-        assert any("fused_norms is off" in str(w.message) for w in caught), [str(w.message) for w in caught]
-        assert den.status()["fused_norms"] is False
+        messages = [str(w.message) for w in caught]
+        assert any("fused_norms is off" in m for m in messages) and any("fused_residual is off" in m
+                                                                          for m in messages), messages
+        assert den.status()["fused_norms"] is False and den.status()["fused_residual"] is False
         x = torch.randn(2, 3, 16, 16)
         t, labels = torch.tensor([10.0, 800.0]), torch.tensor([3, 1000])
         with torch.no_grad():
@@ -187,6 +216,10 @@ def test_bad_shapes_are_named_before_any_launch():
         norm_kernels.rms_rope(x, torch.ones(16), rope, 16, 1e-6)
     with pytest.raises(ValueError, match=r"shift, scale \(B, D\); got x \(2, 12, 16\), shift \(1, 16\)"):
         norm_kernels.layer_norm_modulate(x, torch.zeros(1, 16), torch.zeros(1, 16), 1e-6)
+    with pytest.raises(ValueError, match=r"add_layer_norm_modulate needs .* gate \(2, 15\)"):
+        norm_kernels.add_layer_norm_modulate(x, x, torch.zeros(2, 15), torch.zeros(2, 16), torch.zeros(2, 16), 1e-6)
+    with pytest.raises(ValueError, match=r"y shaped like x \(2, 12, 16\), got \(2, 11, 16\)"):
+        norm_kernels.add_layer_norm_modulate(x, x[:, 1:], *torch.zeros(3, 2, 16), 1e-6)
     assert norm_kernels.rms_rope(x, torch.ones(16), rope, 2, 1e-6).shape == (2, 12, 2, 8)
 
 
@@ -204,6 +237,5 @@ def test_every_launch_config_compiles_for_an_h100():
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "norm_kernels_sm90.py")], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| rms_rope |")
-            or line.startswith("| layer_norm_modulate |")]
+    rows = [line for line in result.stdout.splitlines() if line.split(" |")[0][2:] in norm_kernels.CONFIGS]
     assert len(rows) == sum(len(c) for c in norm_kernels.CONFIGS.values()), result.stdout
