@@ -100,25 +100,32 @@ if triton is not None:
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rms_rope_flat_kernel(x_ptr, w_ptr, rope_ptr, out_ptr, n_rows, seq, stride_b, stride_n, eps,
-                              C: tl.constexpr, HALF_D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
-        # The "flat" form of _rms_rope_kernel: a token's channels load and store as one contiguous run (wide
-        # vector accesses), and are split into (even, odd) pairs in registers for the rotation.
+    def _load_tokens(x_ptr, stride_b, stride_n, n_rows, seq, C: tl.constexpr, BLOCK: tl.constexpr,
+                     ROWS: tl.constexpr):
+        """A program's ROWS tokens as one contiguous run each: (rows, b, n, c, mask, x), x (ROWS, BLOCK) in
+        float32, zero where masked (channels past C, tokens past the last)."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         b = rows // seq
         n = rows % seq
         c = tl.arange(0, BLOCK)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & (c < C)[None, :]                            # (ROWS, BLOCK)
+        mask = (rows < n_rows)[:, None] & (c < C)[None, :]
         x = tl.load(x_ptr + (b * stride_b + n * stride_n)[:, None] + c[None, :], mask=mask,
                     other=0.0).to(tl.float32)
+        return rows, b, n, c, mask, x
+
+    @triton.jit
+    def _rms_rope_flat_kernel(x_ptr, w_ptr, rope_ptr, out_ptr, n_rows, seq, stride_b, stride_n, eps,
+                              C: tl.constexpr, HALF_D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        # The "flat" form of _rms_rope_kernel: a token's channels load and store as one contiguous run (wide
+        # vector accesses), and are split into (even, odd) pairs in registers for the rotation.
+        rows, b, n, c, mask, x = _load_tokens(x_ptr, stride_b, stride_n, n_rows, seq, C, BLOCK, ROWS)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / C + eps)
         w = tl.load(w_ptr + c[None, :], mask=(c < C)[None, :], other=0.0)
         y = (x * rstd[:, None] * w).to(out_ptr.dtype.element_ty).to(tl.float32)
         ye, yo = tl.split(tl.reshape(y, (ROWS, BLOCK // 2, 2)))              # (ROWS, BLOCK // 2) each
         # (cos, sin) of each pair, loaded as pairs and split like y, so that both halves share y's layout
         j = tl.arange(0, BLOCK // 2)
-        pair_ok = row_ok[:, None, None] & (j < C // 2)[None, :, None]
+        pair_ok = (rows < n_rows)[:, None, None] & (j < C // 2)[None, :, None]
         table = rope_ptr + (n * (4 * HALF_D))[:, None, None] + (4 * (j % HALF_D))[None, :, None] + \
             tl.arange(0, 2)[None, None, :]
         cos, sin = tl.split(tl.load(table, mask=pair_ok, other=0.0))
@@ -131,15 +138,9 @@ if triton is not None:
         # The "partner" form: like "flat", one contiguous run per token, but each channel also loads its pair
         # partner (channel c ^ 1, from the cache: the row was just read) instead of regrouping registers, so
         # every tensor keeps one layout. Even channel: y_c cos - y_{c+1} sin; odd: y_c cos + y_{c-1} sin.
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        b = rows // seq
-        n = rows % seq
-        c = tl.arange(0, BLOCK)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & (c < C)[None, :]                            # (ROWS, BLOCK)
-        src = x_ptr + (b * stride_b + n * stride_n)[:, None]
-        x = tl.load(src + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        partner = tl.load(src + (c ^ 1)[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows, b, n, c, mask, x = _load_tokens(x_ptr, stride_b, stride_n, n_rows, seq, C, BLOCK, ROWS)
+        partner = tl.load(x_ptr + (b * stride_b + n * stride_n)[:, None] + (c ^ 1)[None, :], mask=mask,
+                          other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / C + eps)[:, None]
         w = tl.load(w_ptr + c[None, :], mask=(c < C)[None, :], other=0.0)
         w_partner = tl.load(w_ptr + (c ^ 1)[None, :], mask=(c < C)[None, :], other=0.0)
@@ -169,15 +170,8 @@ if triton is not None:
         # shift and scale (and gate), loaded once (float32, each twice a bf16 token's size), at the cost of a
         # layout change. RESIDUAL: first x <- x + (y * gate) rounded to x's dtype, as the block adds its gated
         # MLP branch to the residual stream, and that sum is written out too.
-        pid_rows = tl.program_id(0).to(tl.int64) * ROWS
-        rows = pid_rows + tl.arange(0, ROWS)
-        b = rows // seq
-        n = rows % seq
-        image = pid_rows // seq
-        c = tl.arange(0, BLOCK)
-        mask = (rows < n_rows)[:, None] & (c < C)[None, :]
-        x = tl.load(x_ptr + (b * stride_b + n * stride_n)[:, None] + c[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        rows, b, n, c, mask, x = _load_tokens(x_ptr, stride_b, stride_n, n_rows, seq, C, BLOCK, ROWS)
+        image = (tl.program_id(0).to(tl.int64) * ROWS) // seq
         if RESIDUAL:
             y = tl.load(y_ptr + (b * y_stride_b + n * y_stride_n)[:, None] + c[None, :], mask=mask,
                         other=0.0).to(tl.float32)
