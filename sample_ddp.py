@@ -14,7 +14,8 @@ import sys
 from typing import Sequence
 
 from pixelflow.checkpoint import WeightsError
-from pixelflow.sampling import SampleOptions, plan_sampling, sample_to_folder
+from pixelflow.distributed import cleanup, init_distributed, resolve_device
+from pixelflow.sampling import BARRIER_TIMEOUT, SampleOptions, plan_on_every_rank, sample_to_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,13 +66,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     options = SampleOptions(**vars(parser.parse_args(argv)))
     try:
-        plan = plan_sampling(options)
+        device = resolve_device(options.device)
     except ValueError as e:
         parser.error(str(e))
+    # Join the process group first, then check the options in every process: when one process rejects them
+    # (a checkpoint one node lacks), all stop at once instead of the others waiting for it, on other nodes
+    # for the whole barrier timeout.
+    ctx = init_distributed(device, timeout=BARRIER_TIMEOUT)
     try:
-        sample_to_folder(plan)
-    except WeightsError as e:  # an unreadable or mismatched weights file: the reason, without a traceback
-        sys.exit(f"{parser.prog}: error: {e}")
+        try:
+            plan = plan_on_every_rank(options, ctx)
+        except ValueError as e:
+            parser.error(str(e))
+        try:
+            sample_to_folder(plan, ctx)
+        except WeightsError as e:  # an unreadable or mismatched weights file: the reason, without a traceback
+            sys.exit(f"{parser.prog}: error: {e}")
+    finally:
+        cleanup(ctx)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,24 @@ WEIGHT_FILES = ("model.pt", "model.safetensors", "model.pth", "model.bin")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
+_UMASK: int | None = None
+
+
+def _file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (read once: setting the umask to read it
+    is not thread-safe, and the writers here may run in threads)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it onto `path`.
 
-    A crash or kill at any point leaves either the old file or the new one, never a torn one.
+    A crash or kill at any point leaves either the old file or the new one, never a torn one. The file gets
+    the mode a plain open() would give it (mkstemp's own is 0600: readable by its owner only).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +44,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

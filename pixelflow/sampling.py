@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, find_weights, load_config, resolve_pretrained, summarize_config
+from .checkpoint import WeightsError, atomic_write, find_weights, load_config, resolve_pretrained, summarize_config
 from .distributed import DistributedContext, all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
 
 SETTINGS_FILE = "sampling_args.json"
@@ -145,8 +145,13 @@ def png_path(sample_dir: str | os.PathLike, index: int) -> Path:
 
 
 def npz_path(sample_dir: str | os.PathLike) -> Path:
-    """D.npz beside the folder D (the name may hold dots, e.g. cfg2.4, so no with_suffix)."""
+    """D.npz beside the folder D (the name may hold dots, e.g. cfg2.4, so no with_suffix). A folder named
+    "." or ".." is made absolute first, so `--sample-dir .` gives ../<this folder>.npz, not ./.npz."""
     sample_dir = Path(sample_dir)
+    if sample_dir.name in ("", ".", ".."):
+        sample_dir = Path(os.path.abspath(sample_dir))
+    if not sample_dir.name:
+        raise ValueError(f"sample folder {str(sample_dir)!r} has no name to call its .npz by; pick a subfolder")
     return sample_dir.parent / f"{sample_dir.name}.npz"
 
 
@@ -242,7 +247,7 @@ def sampling_settings(plan: SamplingPlan) -> dict:
     opts = plan.options
     settings = {
         "format": SETTINGS_FORMAT,
-        "checkpoint": str(plan.checkpoint.resolve()),
+        "config": config_fingerprint(load_config(plan.checkpoint)),
         "weights": weights_fingerprint(weights),
         "resolution": plan.resolution,
         "solver": plan.solver,
@@ -266,6 +271,20 @@ def sampling_settings(plan: SamplingPlan) -> dict:
 
 
 FINGERPRINT_BYTES = 4 << 20
+# The config sections that decide the pixels (the rest: training and data settings, preview prompts).
+CONFIG_SECTIONS = ("model", "scheduler", "text_encoder")
+
+
+def config_fingerprint(config) -> dict:
+    """A sha256 of the config sections that decide the pixels, and the resolution; not the folder's path, so
+    a checkpoint copied elsewhere (a job's scratch folder) still resumes its sample folder."""
+    from omegaconf import OmegaConf
+    container = OmegaConf.to_container(config, resolve=True)
+    decisive = {k: container.get(k) for k in CONFIG_SECTIONS}
+    decisive["resolution"] = summarize_config(config).resolution
+    text = json.dumps(decisive, sort_keys=True, default=str)
+    return {"sections": list(CONFIG_SECTIONS) + ["resolution"],
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 def weights_fingerprint(path: Path) -> dict:
@@ -301,6 +320,11 @@ def check_resumable(sample_dir: Path, settings: dict) -> None:
                              f"they may come from other settings; pick another --sample-dir or empty it")
         return
     recorded = dict(saved.get("settings", saved))
+    if "checkpoint" in recorded and "config" not in recorded:
+        # Written when a folder recorded its checkpoint's path instead of its config: a moved or copied
+        # checkpoint resumes; the weights fingerprint still decides.
+        recorded.pop("checkpoint")
+        recorded["config"] = settings.get("config")
     old_weights, weights = recorded.get("weights"), settings.get("weights")
     if isinstance(old_weights, dict) and "mtime_ns" in old_weights and isinstance(weights, dict):
         # Written before the content fingerprint (file, bytes, mtime): the same file name and size pass.
@@ -384,8 +408,8 @@ def check_options(opts: SampleOptions) -> None:
 def plan_sampling(opts: SampleOptions) -> SamplingPlan:
     """Check every option against the checkpoint's config and the sample folder; load no weights.
 
-    Raises ValueError naming the bad value. Every process runs this before joining the process group, so a
-    bad command stops all of them at once instead of leaving some waiting at a barrier.
+    Raises ValueError naming the bad value. sample_ddp.py runs it in every process through plan_on_every_rank,
+    so a bad command stops all of them at once instead of leaving some waiting at a barrier.
     """
     check_options(opts)
     checkpoint = resolve_pretrained(opts.pretrained)
@@ -428,6 +452,8 @@ def plan_sampling(opts: SampleOptions) -> SamplingPlan:
                                         opts.prompts, opts.guidance_schedule)
     if sample_dir.exists() and not sample_dir.is_dir():
         raise ValueError(f"--sample-dir {str(sample_dir)!r} exists and is not a folder")
+    check_writable_folder(sample_dir)
+    npz_path(sample_dir)
     plan = SamplingPlan(options=opts, checkpoint=checkpoint, sample_dir=sample_dir, device=device,
                         precision=precision, steps=steps, solver=solver, resolution=resolution,
                         num_classes=model_classes, prompts=prompts)
@@ -436,9 +462,57 @@ def plan_sampling(opts: SampleOptions) -> SamplingPlan:
     return plan
 
 
+def check_writable_folder(folder: Path) -> None:
+    """Refuse a folder that cannot be made or written: its nearest existing ancestor must be a writable folder."""
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--sample-dir {str(folder)!r} cannot be made: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--sample-dir {str(folder)!r}: {str(existing)!r} is not writable by this user")
+
+
+def agree(ctx: DistributedContext, error: BaseException | None, what: str,
+          kind: type[Exception] = ValueError) -> None:
+    """Every process says whether `what` failed for it; if any did, every process raises (its own error, or a
+    ValueError naming how many others failed) instead of waiting at the next barrier for one that has left,
+    which across nodes lasts the whole barrier timeout. kind: the class of the error raised for the others."""
+    failed = all_reduce_sum(ctx, error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise kind(f"{what} failed on {failed} other process(es) of this job; see their message above")
+
+
+def plan_on_every_rank(opts: SampleOptions, ctx: DistributedContext) -> SamplingPlan:
+    """plan_sampling in a joined process group: one process's bad option (say a checkpoint folder that one
+    node lacks) stops every process at once, on every node."""
+    plan, error = None, None
+    try:
+        plan = plan_sampling(opts)
+    except ValueError as e:
+        error = e
+    agree(ctx, error, "checking the options")
+    if ctx.world_size > 1:
+        # Every process must sample with the same settings, weights included: nodes with their own copy of a
+        # checkpoint could hold different files under one path, and would mix images silently.
+        text = json.dumps(plan.settings, sort_keys=True, default=str)
+        digest = int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:10], 16)   # 40 bits: sums fit int64
+        same = all_reduce_sum(ctx, digest) == digest * ctx.world_size
+        agree(ctx, None if same else ValueError(
+            f"the processes of this job disagree on the sampling settings (a checkpoint that differs between "
+            f"nodes?); this process (rank {ctx.rank}) has weights {plan.settings['weights']} and config "
+            f"{plan.settings['config']['sha256'][:12]}"), "comparing the settings")
+    return plan
+
+
 # ---------------------------------------------------------------------------------------------- run
-def sample_to_folder(plan: SamplingPlan) -> Path:
-    """Join the process group, sample this rank's missing images, and (rank 0) write D.npz. Returns its path."""
+def sample_to_folder(plan: SamplingPlan, ctx: DistributedContext | None = None) -> Path:
+    """Sample this rank's missing images and (rank 0) write D.npz; returns its path. Without `ctx` this joins
+    the process group itself (and leaves it at the end)."""
+    if ctx is not None:
+        return _sample(plan, ctx)
     ctx = init_distributed(plan.device, timeout=BARRIER_TIMEOUT)
     try:
         return _sample(plan, ctx)
@@ -452,8 +526,13 @@ def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
     opts = plan.options
     # The weights load before the folder records its settings: a run that cannot load them leaves nothing
     # behind that a corrected rerun would have to match.
-    pipe = PixelFlowPipeline.from_pretrained(plan.checkpoint, device=ctx.device,
-                                             autocast_dtype=PRECISIONS[plan.precision])
+    pipe, error = None, None
+    try:
+        pipe = PixelFlowPipeline.from_pretrained(plan.checkpoint, device=ctx.device,
+                                                 autocast_dtype=PRECISIONS[plan.precision])
+    except (ValueError, OSError) as e:   # WeightsError is a ValueError
+        error = e
+    agree(ctx, error, "loading the weights", WeightsError)
     if opts.fast:  # merged, compiled, graph-captured forwards on CUDA; the plain model elsewhere
         from .fast import accelerate
         accelerate(pipe, precision="keep")

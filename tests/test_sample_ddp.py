@@ -328,3 +328,112 @@ def test_guidance_schedule_constant_is_g_at_every_stage():
     assert guidance_weights(SampleOptions(pretrained="x", cfg=0.0, guidance_schedule="constant"), 4) is None
     with pytest.raises(ValueError, match="'flat'"):
         check_options(SampleOptions(pretrained="x", guidance_schedule="flat"))
+
+
+# ------------------------------------------------------------------------------------------ files and nodes
+def test_written_files_follow_the_umask(tmp_path):
+    """PNGs, settings and the .npz are readable by others under umask 022, as np.savez or PIL would make
+    them, not 0600 (mkstemp's mode): an evaluator running as another user must read them."""
+    from pixelflow import checkpoint
+    old = os.umask(0o022)
+    try:
+        checkpoint._UMASK = None
+        folder = tmp_path / "s"
+        sample_ddp.main(_args(folder, 2, 2))
+        modes = {p.name: p.stat().st_mode & 0o777 for p in [*folder.iterdir(), sampling.npz_path(folder)]}
+        assert set(modes.values()) == {0o644}, modes
+        os.umask(0o077)
+        checkpoint._UMASK = None
+        checkpoint.atomic_write(tmp_path / "private.txt", lambda tmp: Path(tmp).write_text("x"))
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+        checkpoint._UMASK = None
+
+
+def test_a_moved_checkpoint_resumes_its_folder(tmp_path, capsys):
+    """A job that copies its checkpoint to a new scratch folder on every requeue must still resume; a
+    checkpoint whose config differs must not."""
+    import shutil
+    first, moved = tmp_path / "scratch1" / "ckpt", tmp_path / "scratch2" / "ckpt"
+    shutil.copytree(C2I, first)
+    folder = tmp_path / "s"
+    sample_ddp.main(_args(folder, 2, 2, pretrained=first))
+    shutil.move(first, moved)
+    sample_ddp.main(_args(folder, 3, 2, pretrained=moved))
+    assert len(list(folder.glob("*.png"))) == 3
+
+    # A folder written when the settings recorded the checkpoint's path (and no config) resumes too.
+    record = json.loads((folder / sampling.SETTINGS_FILE).read_text())
+    record["settings"].pop("config")
+    record["settings"]["checkpoint"] = str(tmp_path / "elsewhere")
+    (folder / sampling.SETTINGS_FILE).write_text(json.dumps(record))
+    sample_ddp.main(_args(folder, 3, 2, pretrained=moved))
+
+    config = (moved / "config.yaml").read_text()
+    (moved / "config.yaml").write_text(config.replace("num_train_timesteps: 1000", "num_train_timesteps: 500"))
+    (folder / sampling.SETTINGS_FILE).write_text(json.dumps({**record, "settings": {
+        **record["settings"], "config": sampling.config_fingerprint(sampling.load_config(C2I))}}))
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main(_args(folder, 4, 2, pretrained=moved))
+    assert e.value.code == 2 and "config" in capsys.readouterr().err
+
+
+def test_sample_dir_dot_and_unmakeable_folders(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "here"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    assert sampling.npz_path(".") == tmp_path / "here.npz"
+    assert sampling.npz_path("sub/..") == tmp_path / "here.npz"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main(_args(blocker / "samples", 2, 2))
+    assert e.value.code == 2 and f"{str(blocker)!r} is a file, not a folder" in capsys.readouterr().err
+
+
+def _two_nodes(tmp_path: Path, node_args: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Two torchrun agents of one node each, as two nodes would run them (one rendezvous, its own agent)."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               str(REPO / "sample_ddp.py"), *args], cwd=tmp_path, env=_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank, args in enumerate(node_args)]
+    out = []
+    try:
+        for proc in procs:
+            stdout, _ = proc.communicate(timeout=120)   # the barrier timeout is 6 h: a hang shows as a timeout
+            out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    return out
+
+
+def test_a_node_that_rejects_the_command_stops_every_node(tmp_path):
+    """One node lacks the checkpoint: both nodes exit at once (before, the other waited 6 h in the group)."""
+    folder = tmp_path / "s"
+    missing = tmp_path / "missing_ckpt"
+    good, bad = _two_nodes(tmp_path, [_args(folder, 4, 2), _args(folder, 4, 2, pretrained=missing)])
+    assert bad.returncode != 0 and f"checkpoint folder {str(missing)!r} does not exist" in bad.stdout
+    assert good.returncode != 0 and "checking the options failed on 1 other process(es)" in good.stdout
+    assert not folder.exists()
+
+
+def test_nodes_with_different_weights_refuse_to_mix_images(tmp_path):
+    import shutil
+    import torch
+    other = tmp_path / "other_ckpt"
+    shutil.copytree(C2I, other)
+    state = torch.load(other / "model.pt", weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] * 1.5
+    torch.save(state, other / "model.pt")
+    folder = tmp_path / "s"
+    results = _two_nodes(tmp_path, [_args(folder, 4, 2), _args(folder, 4, 2, pretrained=other)])
+    for rank, result in enumerate(results):
+        assert result.returncode != 0
+        assert f"disagree on the sampling settings (a checkpoint that differs between nodes?); this process " \
+               f"(rank {rank})" in result.stdout, result.stdout[-2000:]
+    assert not folder.exists()
