@@ -6,6 +6,7 @@ would otherwise silently train for the default number of steps.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -100,8 +101,16 @@ def validate_train_config(config: DictConfig) -> None:
     """Check a training config before any work starts; errors name the key, the value and what is expected."""
     from .checkpoint import build_model
 
+    scheduler = config.scheduler
+    for key in ("num_stages", "num_train_timesteps"):
+        if not _is_int(scheduler[key]) or scheduler[key] < 1:
+            raise ValueError(f"scheduler.{key}={scheduler[key]!r} must be an int >= 1")
+    if not isinstance(scheduler.pyramid_shift, bool):
+        raise ValueError(f"scheduler.pyramid_shift={scheduler.pyramid_shift!r} must be true or false")
+    if not _is_int(config.seed) or config.seed < 0:
+        raise ValueError(f"seed={config.seed!r} must be an int >= 0")
     model = build_model(config, meta=True)  # constructor checks model.params by name and value
-    stages = int(config.scheduler.num_stages)
+    stages = int(scheduler.num_stages)
     data, train = config.data, config.train
     multiple = model.patch_size * 2 ** (stages - 1)
     if not isinstance(data.resolution, int) or data.resolution < multiple or data.resolution % multiple:
@@ -120,6 +129,9 @@ def validate_train_config(config: DictConfig) -> None:
             raise ValueError(f"data.root={data.root!r} does not exist or is not a folder")
     if data.name == "captions" and model.cross_attention_dim is None:
         raise ValueError("data.name=captions trains text-to-image: model.params.cross_attention_dim must be set")
+    if data.name == "captions" and model.num_classes:
+        raise ValueError(f"data.name=captions gives captions, no class labels: model.params.num_classes must be 0, "
+                         f"got {model.num_classes}")
     if data.name != "captions" and model.num_classes == 0:
         raise ValueError(f"data.name={data.name} gives class labels but model.params.num_classes is 0")
     if data.name == "synthetic" and data.synthetic_classes > model.num_classes:
@@ -129,16 +141,17 @@ def validate_train_config(config: DictConfig) -> None:
         raise ValueError(f"train.max_steps={train.max_steps} must be a positive int or null")
     if not isinstance(train.epochs, int) or train.epochs < 1:
         raise ValueError(f"train.epochs={train.epochs} must be a positive int")
-    if not 0 <= float(train.ema_decay) <= 1:
-        raise ValueError(f"train.ema_decay={train.ema_decay} must be in [0, 1]")
-    if not 0 <= float(train.label_dropout) < 1:
-        raise ValueError(f"train.label_dropout={train.label_dropout} must be in [0, 1)")
+    if not _is_number(train.ema_decay) or not 0 <= train.ema_decay <= 1:
+        raise ValueError(f"train.ema_decay={train.ema_decay!r} must be a number in [0, 1]")
+    if not _is_number(train.label_dropout) or not 0 <= train.label_dropout < 1:
+        raise ValueError(f"train.label_dropout={train.label_dropout!r} must be a number in [0, 1)")
     if train.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"train.precision={train.precision!r}; expected auto, bf16 or fp32")
     if not isinstance(train.keep_checkpoints, int) or train.keep_checkpoints < 1:
         raise ValueError(f"train.keep_checkpoints={train.keep_checkpoints} must be an int >= 1")
-    if not isinstance(train.betas, (list, ListConfig)) or len(train.betas) != 2:
-        raise ValueError(f"train.betas={train.betas} must be two numbers")
+    if not isinstance(train.betas, (list, ListConfig)) or len(train.betas) != 2 \
+            or not all(_is_number(b) and 0 <= b < 1 for b in train.betas):
+        raise ValueError(f"train.betas={train.betas} must be two numbers in [0, 1)")
     for key, low in (("lr", 0.0), ("grad_clip", 0.0)):
         value = train[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
@@ -150,6 +163,27 @@ def validate_train_config(config: DictConfig) -> None:
         raise ValueError(f"train.preview_steps={train.preview_steps!r} must be an int >= 0 (0: only with checkpoints)")
     if not isinstance(data.num_workers, int) or data.num_workers < 0:
         raise ValueError(f"data.num_workers={data.num_workers!r} must be an int >= 0")
+    _check_preview(config.preview)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_preview(preview: DictConfig) -> None:
+    """The preview grid is drawn at every checkpoint: a bad value must stop the run now, not after 1000 steps."""
+    for key in ("num_inference_steps", "images_per_class", "num_classes"):
+        if not _is_int(preview[key]) or preview[key] < 1:
+            raise ValueError(f"preview.{key}={preview[key]!r} must be an int >= 1")
+    if not _is_number(preview.guidance_scale) or preview.guidance_scale < 0:
+        raise ValueError(f"preview.guidance_scale={preview.guidance_scale!r} must be a number >= 0")
+    prompts = preview.prompts
+    if not isinstance(prompts, (list, ListConfig)) or not all(isinstance(q, str) for q in prompts):
+        raise ValueError(f"preview.prompts={prompts!r} must be a list of strings, e.g. [\"a photo of a cat\"]")
 
 
 def to_yaml(config: DictConfig) -> str:

@@ -109,6 +109,27 @@ def all_reduce_sum(ctx: DistributedContext, value: int) -> int:
     return int(tensor.item())
 
 
+def agree(ctx: DistributedContext, error: BaseException | None, what: str,
+          kind: type[Exception] = ValueError) -> None:
+    """Every process says whether `what` failed for it; if any did, every process raises (its own error, or a
+    ValueError naming how many others failed) instead of waiting at the next barrier for one that has left,
+    which across nodes lasts the whole barrier timeout. kind: the class of the error raised for the others."""
+    failed = all_reduce_sum(ctx, error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise kind(f"{what} failed on {failed} other process(es) of this job; see their own error message")
+
+
+def all_gather(ctx: DistributedContext, value) -> list:
+    """Every process's `value` (a small picklable object), in rank order; [value] for a single process."""
+    if not ctx.initialized:
+        return [value]
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def cleanup(ctx: DistributedContext | None = None) -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from .checkpoint import WeightsError, atomic_write, find_weights, load_config, resolve_pretrained, summarize_config
-from .distributed import DistributedContext, all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
+from .distributed import (DistributedContext, agree, all_reduce_sum, barrier, cleanup, init_distributed,
+                          resolve_device)
 
 SETTINGS_FILE = "sampling_args.json"
 SETTINGS_FORMAT = 1
@@ -471,18 +472,6 @@ def check_writable_folder(folder: Path) -> None:
         raise ValueError(f"--sample-dir {str(folder)!r} cannot be made: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--sample-dir {str(folder)!r}: {str(existing)!r} is not writable by this user")
-
-
-def agree(ctx: DistributedContext, error: BaseException | None, what: str,
-          kind: type[Exception] = ValueError) -> None:
-    """Every process says whether `what` failed for it; if any did, every process raises (its own error, or a
-    ValueError naming how many others failed) instead of waiting at the next barrier for one that has left,
-    which across nodes lasts the whole barrier timeout. kind: the class of the error raised for the others."""
-    failed = all_reduce_sum(ctx, error is not None)
-    if error is not None:
-        raise error
-    if failed:
-        raise kind(f"{what} failed on {failed} other process(es) of this job; see their message above")
 
 
 def plan_on_every_rank(opts: SampleOptions, ctx: DistributedContext) -> SamplingPlan:

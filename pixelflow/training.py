@@ -8,6 +8,8 @@ run therefore replays exactly the steps the interrupted one would have taken.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -35,6 +37,10 @@ from .data import ResumableShardSampler, build_dataset, gather_examples, image_g
 log = logging.getLogger("pixelflow.train")
 TRAINING_STATE = "training_state.pt"
 KILL_HOOK = "PIXELFLOW_TEST_KILL_IN_CHECKPOINT"  # tests: SIGKILL this process half-way through writing step N
+# How long a collective waits for the slowest process: at a checkpoint the others wait while rank 0 writes
+# the weights, the optimizer state and the EMA (11 GB for XL) and renders a preview, which on network storage
+# can pass NCCL's default of 10 minutes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
 
 
 @dataclass
@@ -245,6 +251,36 @@ def latest_training_checkpoint(output_dir: Path) -> Path | None:
 class Trainer:
     def __init__(self, config: DictConfig, options: TrainOptions):
         self.config, self.options = config, options
+        # Join the process group first: then a check that fails in one process (a data.root or an output
+        # folder one node lacks) stops every process at once, instead of the others waiting for it.
+        self.dist = distributed.init_distributed(timeout=COLLECTIVE_TIMEOUT)
+        error = None
+        try:
+            self._check(config, options)
+        except ValueError as e:
+            error = e
+        distributed.agree(self.dist, error, "checking the config and options")
+        found = distributed.all_gather(self.dist, self.resume_from and self.resume_from.name)
+        if len(set(found)) > 1:
+            raise ValueError(f"the processes see different checkpoints in --output-dir {str(self.output_dir)!r} "
+                             f"(newest per rank: {found}): on several nodes the output folder must be one that "
+                             "they all share")
+        error = None
+        try:
+            self._setup(config, options)
+        except Exception as e:  # noqa: BLE001 - re-raised here, and reported to the other processes
+            error = e
+        distributed.agree(self.dist, error, "setting up the run")
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                            else None) if self.dist.initialized else self.model)
+        train = config.train
+        if train.max_steps is not None:
+            self.total_steps = int(train.max_steps)
+        else:  # to the end of epoch `epochs`, counted in this layout's batches (a resume may change it)
+            p, per_epoch = self.progress, self.sampler.batches_per_epoch
+            self.total_steps = p.step + max(0, (int(train.epochs) - p.epoch) * per_epoch - p.position)
+
+    def _check(self, config: DictConfig, options: TrainOptions) -> None:
         validate_train_config(config)
         check_report_to(options.report_to)
         for name in ("logging_steps", "checkpoint_steps"):
@@ -258,7 +294,7 @@ class Trainer:
             if not self._pretrained_path.exists():
                 raise ValueError(f"--pretrained-model {options.pretrained_model!r} does not exist")
 
-        self.dist = distributed.init_distributed()
+    def _setup(self, config: DictConfig, options: TrainOptions) -> None:
         self.device = self.dist.device
         self.output_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(self.output_dir, self.dist.is_main)
@@ -293,11 +329,6 @@ class Trainer:
             load_weights(self.model, state, source=options.pretrained_model, model_from=built_from)
             load_weights(self.ema, state, source=options.pretrained_model, model_from=built_from)
 
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                            else None) if self.dist.initialized else self.model)
-        self.total_steps = (int(train.max_steps) if train.max_steps is not None
-                            else int(train.epochs) * self.sampler.batches_per_epoch)
-
     # -- setup helpers
     def _find_resume(self) -> Path | None:
         latest = latest_training_checkpoint(self.output_dir)
@@ -324,6 +355,7 @@ class Trainer:
         load_weights(self.model, state["model"], source=str(folder / TRAINING_STATE))
         load_weights(self.ema, read_state_dict(folder / "model.pt"), source=str(folder / "model.pt"))
         self.optimizer.load_state_dict(state["optimizer"])
+        self._apply_optimizer_config()
         position = state["position"]
         saved = (state["world_size"], state.get("batch_size", int(self.config.data.batch_size)))
         now = (self.dist.world_size, int(self.config.data.batch_size))
@@ -333,11 +365,30 @@ class Trainer:
             self._log(f"WARNING: resuming a run of {saved[0]} process(es) x batch {saved[1]} with {now[0]} x {now[1]}: "
                       f"the rest of epoch {state['epoch']} starts at batch {position}; the steps are no longer "
                       "those of an uninterrupted run")
+        # skipped_images counts every process's skips; rank 0 carries the total on, the others add their own
         self.progress = Progress(step=state["step"], epoch=state["epoch"], position=position,
-                                 skipped_images=state["skipped_images"])
+                                 skipped_images=state["skipped_images"] if self.dist.is_main else 0)
         if state["world_size"] == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
         self._log(f"resumed from {folder} at step {state['step']} (epoch {state['epoch']}, batch {state['position']})")
+
+    def _apply_optimizer_config(self) -> None:
+        """After a resume, the optimizer runs with this config's lr, weight_decay and betas (its state, the
+        Adam moments, is kept): the checkpoint's config must say what ran, and key=value overrides win."""
+        train = self.config.train
+        wanted = {"lr": float(train.lr), "weight_decay": float(train.weight_decay),
+                  "betas": tuple(float(b) for b in train.betas)}
+        changed = {}
+        for group in self.optimizer.param_groups:
+            changed.update({k: (group[k], v) for k, v in wanted.items() if group[k] != v})
+            group.update(wanted)
+        if changed:
+            self._log("resuming with " + ", ".join(f"train.{k}={new} (the checkpoint ran with {old})"
+                                                   for k, (old, new) in changed.items()))
+
+    def total_skipped(self) -> int:
+        """Unreadable images skipped so far by every process (a collective: every process calls it)."""
+        return distributed.all_reduce_sum(self.dist, self.progress.skipped_images)
 
     def _log(self, message: str) -> None:
         if self.dist.is_main:
@@ -426,13 +477,14 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if p.step % opts.logging_steps == 0 or p.step == self.total_steps:
+                    skipped = self.total_skipped()
                     if self.dist.initialized:
                         torch.distributed.all_reduce(loss_sum)
                         loss_sum /= self.dist.world_size
                     elapsed = max(time.time() - window_start, 1e-9)
                     metrics = {"step": p.step, "epoch": p.epoch, "loss": loss_sum.item() / window_steps,
                                "grad_norm": grad_norm.item(), "lr": self.optimizer.param_groups[0]["lr"],
-                               "images_per_s": window_images / elapsed, "skipped_images": p.skipped_images}
+                               "images_per_s": window_images / elapsed, "skipped_images": skipped}
                     reporter(metrics)
                     if bar is not None:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
@@ -450,7 +502,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         reporter.close()
-        self._log(f"done: {p.step} steps; {p.skipped_images} unreadable images skipped; "
+        self._log(f"done: {p.step} steps; {self.total_skipped()} unreadable images skipped; "
                   f"checkpoints in {self.output_dir / 'checkpoints'}")
         self.check_replicas()
         distributed.barrier(self.dist)
@@ -478,8 +530,10 @@ class Trainer:
             states = [None] * self.dist.world_size
             torch.distributed.all_gather_object(states, rng_state())
         path = None
+        skipped = self.total_skipped()
         if self.dist.is_main:
-            path = save_checkpoint(self.output_dir, self.config, self.model, self.ema, self.optimizer, self.progress,
+            progress = dataclasses.replace(self.progress, skipped_images=skipped)
+            path = save_checkpoint(self.output_dir, self.config, self.model, self.ema, self.optimizer, progress,
                                    states, int(self.config.train.keep_checkpoints))
             self._log(f"saved checkpoint {path}")
             self.preview()

@@ -316,3 +316,114 @@ def test_report_to_needs_its_package(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match="pip install wandb"):
         Trainer(tiny_config("train.max_steps=1"), TrainOptions(str(tmp_path), report_to="wandb", progress=False))
+
+
+# ---------------------------------------------------------------------------- resume edge cases, checks up front
+@pytest.mark.parametrize("overrides, message", [
+    (["preview.num_inference_steps=0"], "preview.num_inference_steps=0 must be an int >= 1"),
+    (["preview.images_per_class=0"], "preview.images_per_class=0 must be an int >= 1"),
+    (["preview.num_classes=0"], "preview.num_classes=0 must be an int >= 1"),
+    (["preview.guidance_scale=abc"], "preview.guidance_scale='abc' must be a number >= 0"),
+    (["preview.prompts=a cat"], "preview.prompts='a cat' must be a list of strings"),
+    (["seed=-1"], "seed=-1 must be an int >= 0"),
+    (["train.ema_decay=abc"], "train.ema_decay='abc' must be a number in"),
+    (["train.label_dropout=abc"], "train.label_dropout='abc' must be a number in"),
+    (["train.betas=[0.9,2]"], "train.betas=.* must be two numbers in"),
+    (["scheduler.num_stages=abc"], "scheduler.num_stages='abc' must be an int >= 1"),
+    (["data.name=captions", "data.root=/", "model.params.cross_attention_dim=32"],
+     "model.params.num_classes must be 0, got 4"),
+])
+def test_bad_values_found_only_late_before_are_refused_up_front(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        validate_train_config(tiny_config(*overrides))
+
+
+def test_resume_runs_with_the_configs_optimizer_settings(tmp_path):
+    """key=value overrides win on --resume too, and the new checkpoint's config says what ran."""
+    Trainer(tiny_config("train.max_steps=1"), TrainOptions(str(tmp_path), checkpoint_steps=1, progress=False)).fit()
+    trainer = Trainer(tiny_config("train.max_steps=2", "train.lr=1e-5", "train.weight_decay=0.05",
+                                  "train.betas=[0.5,0.6]"),
+                      TrainOptions(str(tmp_path), resume=True, checkpoint_steps=1, progress=False))
+    for group in trainer.optimizer.param_groups:
+        assert (group["lr"], group["weight_decay"], group["betas"]) == (1e-5, 0.05, (0.5, 0.6))
+    assert trainer.optimizer.state  # the Adam moments came back
+    trainer.fit()
+    assert "train.lr=1e-05 (the checkpoint ran with" in (tmp_path / "log.txt").read_text()
+    saved = torch.load(tmp_path / "checkpoints" / "0000002" / TRAINING_STATE, weights_only=True)["optimizer"]
+    assert saved["param_groups"][0]["lr"] == 1e-5
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["lr"] == 1e-5
+
+
+def test_epoch_run_resumed_in_another_layout_ends_after_its_epochs(tmp_path):
+    """epochs=2 with 64 images: 8 steps of 8 per epoch. Stopped after epoch 0 and resumed with batch 16 (as
+    when the number of GPUs changes), it trains epoch 1 in 4 steps, not 0 (nor 12 more with fewer GPUs)."""
+    Trainer(tiny_config("train.max_steps=null", "train.epochs=1"), TrainOptions(str(tmp_path), checkpoint_steps=8, progress=False)).fit()
+    trainer = Trainer(tiny_config("train.max_steps=null", "train.epochs=2", "data.batch_size=16"),
+                      TrainOptions(str(tmp_path), resume=True, checkpoint_steps=100, progress=False))
+    assert trainer.progress.step == 8 and trainer.total_steps == 12
+    trainer.fit()
+    assert trainer.progress.step == 12
+
+
+def _per_node_script(tmp_path: Path) -> Path:
+    """torchrun --no-python runs this in place of python: each process works in its own folder node<RANK>,
+    as processes on two nodes with node-local disks would."""
+    script = tmp_path / "per_node.sh"
+    script.write_text(f'cd "{tmp_path}/node$RANK" && exec "{sys.executable}" "$@"\n')
+    script.chmod(0o755)
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir(exist_ok=True)
+    return script
+
+
+def _torchrun_per_node(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--no-python", "--nproc_per_node=2", "--master_port",
+           str(free_port()), "bash", str(_per_node_script(tmp_path)), str(ROOT / "train.py"), *args, "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_processes_that_see_different_checkpoints_stop_at_once(tmp_path):
+    """An output folder that is not shared between nodes: one process would resume, the other start afresh,
+    and DDP would hang; both stop with the reason instead."""
+    config = str(ROOT / "configs" / "tiny_c2i.yaml")
+    run_train(tmp_path / "node0", config, *TINY, "train.max_steps=1", "--output-dir", "run", "--checkpoint-steps", "1") \
+        if (tmp_path / "node0").mkdir() is None else None
+    proc = _torchrun_per_node(tmp_path, config, *TINY, "train.max_steps=2", "--output-dir", "run", "--resume")
+    assert proc.returncode != 0
+    assert "the processes see different checkpoints in --output-dir 'run' (newest per rank: ['0000001', None])" \
+        in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_process_that_rejects_the_config_stops_every_process(tmp_path):
+    """data.root exists for one process only: that one names it, the other says another process failed."""
+    _per_node_script(tmp_path)
+    for c in range(2):
+        (tmp_path / "node0" / "data" / f"class{c}").mkdir(parents=True)
+        Image.new("RGB", (16, 16), (c * 200, 0, 0)).save(tmp_path / "node0" / "data" / f"class{c}" / "0.png")
+    proc = _torchrun_per_node(tmp_path, str(ROOT / "configs" / "tiny_c2i.yaml"), *TINY, "train.max_steps=1",
+                              "data.name=imagefolder", "data.root=data", "--output-dir", "run")
+    assert proc.returncode != 0
+    assert "data.root='data' does not exist or is not a folder" in proc.stderr
+    assert "checking the config and options failed on 1 other process(es)" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_skipped_images_are_counted_over_all_processes(tmp_path):
+    root = tmp_path / "data"
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (16, 16), (c * 200, 50, 50)).save(root / f"class{c}" / f"{i}.png")
+        for i in range(3):   # 6 of 22: a batch of 8 always keeps some readable images
+            (root / f"class{c}" / f"broken{i}.png").write_bytes(b"not an image")
+    proc = run_train(tmp_path, str(ROOT / "configs" / "tiny_c2i.yaml"), *TINY, "data.name=imagefolder",
+                     f"data.root={root}", "train.max_steps=null", "train.epochs=3", "--output-dir", "run",
+                     "--checkpoint-steps", "100", "--logging-steps", "1", torchrun=2)
+    warned = proc.stderr.count("skipped unreadable image")
+    assert warned >= 2 and "(rank 1)" in proc.stderr   # both processes met some
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_images"] == warned
+    assert f"{warned} unreadable images skipped" in (tmp_path / "run" / "log.txt").read_text()
+    saved = torch.load(next((tmp_path / "run" / "checkpoints").iterdir()) / TRAINING_STATE, weights_only=True)
+    assert saved["skipped_images"] == warned
