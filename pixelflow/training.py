@@ -348,9 +348,15 @@ class Trainer:
 
     def _load_resume(self, folder: Path) -> None:
         saved = OmegaConf.load(folder / "config.yaml")
-        if OmegaConf.to_container(saved.model) != OmegaConf.to_container(self.config.model):
-            raise ValueError(f"cannot resume from {folder}: its model config {OmegaConf.to_container(saved.model)} "
-                             f"differs from this run's {OmegaConf.to_container(self.config.model)}")
+        # What the weights mean (model), what they were trained to do (scheduler, text encoder), and the seed
+        # every random draw comes from: none may change under a resumed run.
+        for key in ("model", "scheduler", "text_encoder", "seed"):
+            old, new = saved.get(key), self.config.get(key)
+            old, new = (OmegaConf.to_container(v) if isinstance(v, DictConfig) else v for v in (old, new))
+            if old is not None and old != new:
+                raise ValueError(f"cannot resume from {folder}: its {key} config {old} differs from this run's {new}; "
+                                 f"resume with the same {key} settings, or start a new --output-dir "
+                                 "(--pretrained-model takes the weights)")
         state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
         load_weights(self.model, state["model"], source=str(folder / TRAINING_STATE))
         load_weights(self.ema, read_state_dict(folder / "model.pt"), source=str(folder / "model.pt"))

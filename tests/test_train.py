@@ -427,3 +427,11 @@ def test_skipped_images_are_counted_over_all_processes(tmp_path):
     assert f"{warned} unreadable images skipped" in (tmp_path / "run" / "log.txt").read_text()
     saved = torch.load(next((tmp_path / "run" / "checkpoints").iterdir()) / TRAINING_STATE, weights_only=True)
     assert saved["skipped_images"] == warned
+
+
+@pytest.mark.parametrize("override, key", [("scheduler.num_train_timesteps=500", "scheduler"), ("seed=7", "seed"),
+                                           ("model.params.depth=2", "model")])
+def test_resume_refuses_a_changed_scheduler_seed_or_model(tmp_path, override, key):
+    Trainer(tiny_config("train.max_steps=1"), TrainOptions(str(tmp_path), checkpoint_steps=1, progress=False)).fit()
+    with pytest.raises(ValueError, match=f"cannot resume from .*0000001: its {key} config"):
+        Trainer(tiny_config("train.max_steps=2", override), TrainOptions(str(tmp_path), resume=True, progress=False))
