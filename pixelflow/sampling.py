@@ -536,6 +536,11 @@ def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
     todo_here = sum(len(m) for _, m in work)
     todo_all = all_reduce_sum(ctx, todo_here)
     done_all = opts.num_fid_samples - todo_all
+    stale = npz_path(plan.sample_dir)
+    if ctx.is_main and todo_all and stale.exists():
+        # An .npz of an earlier, smaller N: gone until this run writes the full one, so a run killed on the
+        # way never leaves a plausible but short .npz behind.
+        stale.unlink()
     if ctx.is_main:
         print(f"sampling {opts.num_fid_samples} images ({done_all} already in {plan.sample_dir}) with "
               f"{ctx.world_size} process(es) on {ctx.device.type}, {plan.solver}, {plan.precision}", flush=True)

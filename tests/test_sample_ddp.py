@@ -437,3 +437,20 @@ def test_nodes_with_different_weights_refuse_to_mix_images(tmp_path):
         assert f"disagree on the sampling settings (a checkpoint that differs between nodes?); this process " \
                f"(rank {rank})" in result.stdout, result.stdout[-2000:]
     assert not folder.exists()
+
+
+def test_extending_a_folder_removes_its_old_npz_until_the_new_one_is_written(tmp_path, monkeypatch):
+    folder = tmp_path / "s"
+    sample_ddp.main(_args(folder, 2, 2))
+    assert sampling.npz_path(folder).exists()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the run dies after its images, before the new .npz
+    monkeypatch.setattr(sampling, "write_npz", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sample_ddp.main(_args(folder, 3, 2))
+    assert len(list(folder.glob("*.png"))) == 3 and not sampling.npz_path(folder).exists()
+    monkeypatch.undo()
+    sample_ddp.main(_args(folder, 3, 2))
+    with np.load(sampling.npz_path(folder)) as npz:
+        assert npz["arr_0"].shape[0] == 3
