@@ -791,10 +791,13 @@ def main(argv=None) -> None:
             found = forward_variants(check, pipe, b0, resolution, guidance, variants)
             if found is not None:
                 best_switches, best_denoiser = found
+                found = None
     pipe.denoiser, pipe.autocast_dtype = fast_denoiser, fast_dtype
     if best_switches is not None and best_switches != fast_switches:
         with check.section(f"fastest variant, batch {b0}: compile + whole run, 4 x {steps} steps",
-                           (runs[0].seconds if runs else 40) + 60) as ok:
+                           (runs[0].seconds if runs else 40) + 60
+                           + (60 if cuda and best_switches.get("compile_mode")  # smaller shapes tuned too
+                              and not best_switches.get("compile_mode_min_tokens") else 0)) as ok:
             if ok:
                 # The variant's own FastDenoiser: its 256 px forward is compiled (and tuned) already; the
                 # warm-up compiles the smaller stages' shapes only.
@@ -815,7 +818,7 @@ def main(argv=None) -> None:
                 if info.get("fast_images") is not None:
                     diff = bench.image_difference(run.images.float(), info["fast_images"].float())
                     print("fastest variant vs default images: " + ", ".join(f"{k} {v:.4g}" for k, v in diff.items()))
-            best_denoiser = None
+    best_denoiser = None  # frees it also when its whole run was skipped or failed
     pipe.denoiser, pipe.autocast_dtype = fast_denoiser, fast_dtype
 
     # The plain path: the model itself under bf16 autocast (fp32 on the CPU).

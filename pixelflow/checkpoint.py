@@ -5,6 +5,7 @@ This module holds the one function that loads a released (or our own) checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import tempfile
@@ -44,7 +45,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, _file_mode())
+        with contextlib.suppress(OSError):  # filesystems without modes (vfat, some object stores) refuse it
+            os.chmod(tmp, _file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

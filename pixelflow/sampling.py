@@ -217,9 +217,10 @@ def remove_stale_temporaries(sample_dir: Path) -> int:
     """Delete temporary files that a killed run left behind (atomic_write's .NAME.XXXX.tmp)."""
     removed = 0
     candidates = list(sample_dir.iterdir()) if sample_dir.is_dir() else []
-    npz_tmp = re.compile(r"^\." + re.escape(npz_path(sample_dir).name) + r"\..*\.tmp$")
-    if sample_dir.parent.is_dir():
-        candidates += [p for p in sample_dir.parent.iterdir() if npz_tmp.match(p.name)]
+    npz = npz_path(sample_dir)
+    npz_tmp = re.compile(r"^\." + re.escape(npz.name) + r"\..*\.tmp$")
+    if npz.parent.is_dir():
+        candidates += [p for p in npz.parent.iterdir() if npz_tmp.match(p.name)]
     for path in candidates:
         if (_STALE_TMP.match(path.name) or npz_tmp.match(path.name)) and path.is_file():
             path.unlink(missing_ok=True)
@@ -322,10 +323,15 @@ def check_resumable(sample_dir: Path, settings: dict) -> None:
         return
     recorded = dict(saved.get("settings", saved))
     if "checkpoint" in recorded and "config" not in recorded:
-        # Written when a folder recorded its checkpoint's path instead of its config: a moved or copied
-        # checkpoint resumes; the weights fingerprint still decides.
-        recorded.pop("checkpoint")
+        # Written when a folder recorded its checkpoint's path instead of its config: the config found there
+        # must match this run's; if that folder is gone (moved), the weights fingerprint decides alone.
+        old_folder = Path(str(recorded.pop("checkpoint")))
         recorded["config"] = settings.get("config")
+        if (old_folder / "config.yaml").is_file():
+            try:
+                recorded["config"] = config_fingerprint(load_config(old_folder))
+            except Exception:  # noqa: BLE001 - unreadable now: it cannot vouch for either side
+                pass
     old_weights, weights = recorded.get("weights"), settings.get("weights")
     if isinstance(old_weights, dict) and "mtime_ns" in old_weights and isinstance(weights, dict):
         # Written before the content fingerprint (file, bytes, mtime): the same file name and size pass.
@@ -464,7 +470,10 @@ def plan_sampling(opts: SampleOptions) -> SamplingPlan:
 
 
 def check_writable_folder(folder: Path) -> None:
-    """Refuse a folder that cannot be made or written: its nearest existing ancestor must be a writable folder."""
+    """Refuse a folder that cannot be made: its nearest existing ancestor must be a writable folder. (An
+    existing folder is left to the run: a finished one needs no writes inside it.)"""
+    if folder.is_dir():
+        return
     existing = Path(os.path.abspath(folder))
     while not existing.exists():
         existing = existing.parent
@@ -480,7 +489,7 @@ def plan_on_every_rank(opts: SampleOptions, ctx: DistributedContext) -> Sampling
     plan, error = None, None
     try:
         plan = plan_sampling(opts)
-    except ValueError as e:
+    except Exception as e:  # noqa: BLE001 - re-raised in this process by agree, reported to the others
         error = e
     agree(ctx, error, "checking the options")
     if ctx.world_size > 1:

@@ -257,7 +257,7 @@ class Trainer:
         error = None
         try:
             self._check(config, options)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - re-raised in this process by agree, reported to the others
             error = e
         distributed.agree(self.dist, error, "checking the config and options")
         found = distributed.all_gather(self.dist, self.resume_from and self.resume_from.name)
@@ -576,8 +576,7 @@ class Trainer:
 
 def train(config: DictConfig, options: TrainOptions) -> Path | None:
     """Run (or resume) training; returns the last checkpoint folder written on rank 0."""
-    trainer = Trainer(config, options)
     try:
-        return trainer.fit()
+        return Trainer(config, options).fit()
     finally:
         distributed.cleanup()

@@ -369,6 +369,18 @@ def test_a_moved_checkpoint_resumes_its_folder(tmp_path, capsys):
     record["settings"]["checkpoint"] = str(tmp_path / "elsewhere")
     (folder / sampling.SETTINGS_FILE).write_text(json.dumps(record))
     sample_ddp.main(_args(folder, 3, 2, pretrained=moved))
+    # ... unless the recorded folder still exists and holds another config (same weights file).
+    shutil.copytree(C2I, tmp_path / "other")
+    other_config = (tmp_path / "other" / "config.yaml").read_text()
+    (tmp_path / "other" / "config.yaml").write_text(other_config.replace("pyramid_shift: false", "pyramid_shift: true"))
+    record["settings"]["checkpoint"] = str(tmp_path / "other")
+    (folder / sampling.SETTINGS_FILE).write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main(_args(folder, 3, 2, pretrained=moved))
+    assert e.value.code == 2 and "config" in capsys.readouterr().err
+    record["settings"]["checkpoint"] = str(C2I)   # the same config there: resumes
+    (folder / sampling.SETTINGS_FILE).write_text(json.dumps(record))
+    sample_ddp.main(_args(folder, 3, 2, pretrained=moved))
 
     config = (moved / "config.yaml").read_text()
     (moved / "config.yaml").write_text(config.replace("num_train_timesteps: 1000", "num_train_timesteps: 500"))
@@ -385,6 +397,9 @@ def test_sample_dir_dot_and_unmakeable_folders(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(folder)
     assert sampling.npz_path(".") == tmp_path / "here.npz"
     assert sampling.npz_path("sub/..") == tmp_path / "here.npz"
+    stale = tmp_path / ".here.npz.abc123.tmp"   # left by a run killed while writing the .npz
+    stale.write_bytes(b"partial")
+    assert sampling.remove_stale_temporaries(Path(".")) == 1 and not stale.exists()
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(SystemExit) as e:
@@ -454,3 +469,15 @@ def test_extending_a_folder_removes_its_old_npz_until_the_new_one_is_written(tmp
     sample_ddp.main(_args(folder, 3, 2))
     with np.load(sampling.npz_path(folder)) as npz:
         assert npz["arr_0"].shape[0] == 3
+
+
+def test_a_node_with_an_unparsable_config_stops_every_node(tmp_path):
+    """Not only ValueErrors: any error while checking the options is reported to the other processes."""
+    import shutil
+    broken = tmp_path / "broken_ckpt"
+    shutil.copytree(C2I, broken)
+    (broken / "config.yaml").write_text("model: [unclosed\n")
+    folder = tmp_path / "s"
+    good, bad = _two_nodes(tmp_path, [_args(folder, 4, 2), _args(folder, 4, 2, pretrained=broken)])
+    assert bad.returncode != 0 and "yaml" in bad.stdout.lower()
+    assert good.returncode != 0 and "checking the options failed on 1 other process(es)" in good.stdout
