@@ -73,7 +73,12 @@ def load_demo_pipeline(checkpoint: str | Path, device: str | torch.device | None
     if class_cond and num_classes <= 0:
         raise ValueError(f"--class_cond was given but {str(folder)!r} is a text-to-image checkpoint "
                          f"(model.params.num_classes = {num_classes}); drop --class_cond, the config decides the mode")
-    device = torch.device(device or default_device())
+    try:
+        device = torch.device(device or default_device())
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device} is not supported; expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for CUDA but torch sees no GPU; use --device cpu")
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -283,8 +288,12 @@ def build_demo(generator: DemoGenerator) -> gr.Blocks:
                     solver = gr.Radio(list(SOLVERS), value="euler", label="Solver", elem_id="pf-solver")
                     seed = gr.Number(value=0, precision=0, label="Seed", info=f"{RANDOM_SEED} = random",
                                      minimum=RANDOM_SEED, maximum=MAX_SEED - limits.max_images, elem_id="pf-seed")
-                num_images = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
-                                       label="Number of images", elem_id="pf-num-images")
+                if limits.max_images > 1:
+                    num_images = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
+                                           label="Number of images", elem_id="pf-num-images")
+                else:  # a slider needs two ends: one image per request is a fixed number
+                    num_images = gr.Number(value=1, precision=0, interactive=False, label="Number of images",
+                                           elem_id="pf-num-images")
                 run = gr.Button("Generate", variant="primary", elem_id="pf-generate")
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Samples", columns=4, height="auto", format="png", object_fit="contain",

@@ -91,6 +91,13 @@ class PixelFlowPipeline:
                 text_encoder, tokenizer = load_text_encoder(name, device=device, text_encoder=text_encoder,
                                                             tokenizer=tokenizer,
                                                             feature_dim=model.cross_attention_dim)
+            else:  # a given encoder samples in eval mode (T5's dropout would change the images every call)
+                text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+            width = getattr(getattr(text_encoder, "config", None), "d_model", None)
+            if width is not None and width != model.cross_attention_dim:
+                raise ValueError(f"the text encoder gives {width}-wide features (d_model) but the model's "
+                                 f"cross_attention_dim is {model.cross_attention_dim}: text_encoder.name "
+                                 f"{name!r} does not fit this checkpoint")
         return cls(model, scheduler, resolution=resolution, text_encoder=text_encoder, tokenizer=tokenizer,
                    max_text_length=max_length, autocast_dtype=autocast_dtype, config=config)
 
@@ -165,6 +172,8 @@ class PixelFlowPipeline:
             weights = [float(w) for w in guidance_weights]
             if len(weights) != S:
                 raise ValueError(f"guidance_weights needs one weight per stage ({S}), got {len(weights)}")
+            if not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise ValueError(f"guidance_weights must be finite numbers >= 0, got {weights}")
         else:
             weights = stage_guidance_weights(guidance_scale, S, self.class_conditional)
         generators = self._check_generators(generator, batch)
@@ -289,13 +298,16 @@ class PixelFlowPipeline:
                 raise ValueError("this is a class-to-image model: pass class_labels, not prompt")
             if class_labels is None:
                 raise ValueError("class_labels is required for a class-to-image model")
-            labels = torch.as_tensor(class_labels).reshape(-1)
+            try:
+                labels = torch.as_tensor(class_labels).reshape(-1)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"class_labels must be integers (class indices), got {class_labels!r:.80}; "
+                                 "pixelflow.imagenet_classes maps ImageNet names to indices") from None
             if labels.numel() == 0:
                 raise ValueError("class_labels is empty")
             if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
                 raise ValueError(f"class labels must be integers, got {labels.tolist()[:8]}")
-            if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-                raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+            num_images_per_prompt = _count(num_images_per_prompt)
             labels = labels.long()
             num_classes = self.model.num_classes
             bad = labels[(labels < 0) | (labels >= num_classes)]
@@ -310,13 +322,12 @@ class PixelFlowPipeline:
             raise ValueError("this is a text-to-image model: pass prompt, not class_labels")
         if prompt is None:
             raise ValueError("prompt is required for a text-to-image model")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _strings("prompt", prompt)
         if not prompts:
             raise ValueError("prompt is an empty list; pass at least one prompt")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+        num_images_per_prompt = _count(num_images_per_prompt)
         negative = "" if negative_prompt is None else negative_prompt
-        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else _strings("negative_prompt", negative)
         if len(negatives) != len(prompts):
             raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
         features, mask = self.encode_prompt(prompts + negatives)
@@ -414,6 +425,22 @@ class PixelFlowPipeline:
             return pixels
         from PIL import Image
         return [Image.fromarray(p) for p in pixels]
+
+
+def _count(value) -> int:
+    """num_images_per_prompt as an int >= 1 (numpy integers too, as height and steps take them)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"num_images_per_prompt must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _strings(name: str, value) -> list[str]:
+    """A prompt argument as a list of strings: one string, or a list or tuple of them."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a string or a list of strings, got {value!r:.80}")
+    return list(value)
 
 
 def _progress(total: int, enabled: bool):

@@ -233,3 +233,13 @@ def test_cli_names_a_port_it_cannot_serve_on(monkeypatch):
     monkeypatch.setattr(demo, "launch", busy)
     with pytest.raises(SystemExit, match=r"cannot serve on --host 127.0.0.1 --port 7861: .*already in use"):
         app.main(["--checkpoint", str(REPO / "tests" / "golden" / "c2i_ckpt"), "--port", "7861"])
+
+
+def test_one_image_per_request_and_a_bad_device_name(c2i):
+    """--max-images 1 builds a page (a slider cannot have equal ends); --device foo is a clear error."""
+    pipe = c2i.pipe
+    demo = build_demo(DemoGenerator(pipe, DemoLimits(max_images=1, max_steps=5)))
+    (control,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "pf-num-images"]
+    assert control.value == 1 and not control.interactive
+    with pytest.raises(ValueError, match="--device 'foo' is not a device"):
+        load_demo_pipeline(GOLDEN / "c2i_ckpt", device="foo")

@@ -187,6 +187,12 @@ def noise_for(batch: int, rows: int | None = None, last_side: int = 32) -> list[
     pytest.param(dict(generator=42), r"generator must be a torch.Generator.*42", id="generator-int"),
     pytest.param(dict(latents=[[0.0]]), r"latents must be a tensor.*list", id="latents-list"),
     pytest.param(dict(num_inference_steps=True), r"num_inference_steps.*True", id="steps-bool"),
+    pytest.param(dict(class_labels=["golden retriever"]), r"class_labels must be integers.*golden retriever",
+                 id="label-name"),
+    pytest.param(dict(guidance_weights=[1, 2, float("nan"), 4]), r"guidance_weights must be finite.*nan",
+                 id="guidance-weights-nan"),
+    pytest.param(dict(num_images_per_prompt=0), r"num_images_per_prompt must be an int >= 1, got 0",
+                 id="zero-images-per-prompt"),
 ])
 def test_bad_input_is_rejected_before_any_network_call(c2i_pipe, monkeypatch, kwargs, message):
     def no_network(*args, **kwargs):
@@ -226,3 +232,37 @@ def test_null_label_is_for_the_network_not_the_pipeline(c2i_pipe):
     assert torch.isfinite(v).all() and v.abs().max() > 0
     with pytest.raises(ValueError, match=str(null)):
         sample(c2i_pipe, class_labels=[null])
+
+
+def test_numpy_count_of_images_per_prompt(c2i_pipe):
+    a = sample(c2i_pipe, class_labels=[3], num_images_per_prompt=np.int64(2))
+    assert a.shape[0] == 2
+
+
+def test_prompts_must_be_strings(t2i_pipe):
+    with pytest.raises(ValueError, match="prompt must be a string or a list of strings, got 5"):
+        text_sample(t2i_pipe, prompt=5)
+    with pytest.raises(ValueError, match="negative_prompt must be a string or a list of strings"):
+        text_sample(t2i_pipe, negative_prompt=[1, 2])
+
+
+def test_a_given_text_encoder_samples_in_eval_mode_and_must_fit(tmp_path):
+    """A T5 built in training mode (dropout on) gives the same images for the same seed once loaded; one of
+    the wrong width is refused at load time, naming both widths."""
+    from transformers import T5Config, T5EncoderModel
+
+    from pixelflow.pipeline import PixelFlowPipeline
+    from pixelflow.text import ByteTokenizer
+    from pathlib import Path
+    folder = Path(__file__).resolve().parent / "golden" / "t2i_ckpt"
+    encoder = T5EncoderModel(T5Config(vocab_size=ByteTokenizer.vocab_size, d_model=24, d_kv=12, d_ff=48,
+                                      num_layers=1, num_heads=2, dropout_rate=0.5))
+    assert encoder.training
+    pipe = PixelFlowPipeline.from_pretrained(folder, text_encoder=encoder, tokenizer=ByteTokenizer())
+    pipe.max_text_length = 16
+    assert not pipe.text_encoder.training
+    assert torch.equal(text_sample(pipe, num_inference_steps=1), text_sample(pipe, num_inference_steps=1))
+    wide = T5EncoderModel(T5Config(vocab_size=ByteTokenizer.vocab_size, d_model=32, d_kv=16, d_ff=64,
+                                   num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match="32-wide features .* cross_attention_dim is 24"):
+        PixelFlowPipeline.from_pretrained(folder, text_encoder=wide, tokenizer=ByteTokenizer())
