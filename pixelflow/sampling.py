@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .checkpoint import WeightsError, atomic_write, find_weights, load_config, resolve_pretrained, summarize_config
-from .distributed import (DistributedContext, agree, all_reduce_sum, barrier, cleanup, init_distributed,
+from .distributed import (DistributedContext, agree, all_gather, all_reduce_sum, barrier, cleanup, init_distributed,
                           resolve_device)
 
 SETTINGS_FILE = "sampling_args.json"
@@ -496,12 +496,11 @@ def plan_on_every_rank(opts: SampleOptions, ctx: DistributedContext) -> Sampling
         # Every process must sample with the same settings, weights included: nodes with their own copy of a
         # checkpoint could hold different files under one path, and would mix images silently.
         text = json.dumps(plan.settings, sort_keys=True, default=str)
-        digest = int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:10], 16)   # 40 bits: sums fit int64
-        same = all_reduce_sum(ctx, digest) == digest * ctx.world_size
-        agree(ctx, None if same else ValueError(
-            f"the processes of this job disagree on the sampling settings (a checkpoint that differs between "
-            f"nodes?); this process (rank {ctx.rank}) has weights {plan.settings['weights']} and config "
-            f"{plan.settings['config']['sha256'][:12]}"), "comparing the settings")
+        digests = all_gather(ctx, hashlib.sha256(text.encode("utf-8")).hexdigest())
+        if len(set(digests)) > 1:  # every process sees the same list, so all of them stop here
+            raise ValueError(f"the processes of this job disagree on the sampling settings (a checkpoint that "
+                             f"differs between nodes?); this process (rank {ctx.rank}) has weights "
+                             f"{plan.settings['weights']} and config {plan.settings['config']['sha256'][:12]}")
     return plan
 
 
