@@ -65,10 +65,12 @@ def _check_keys(user: DictConfig, schema: DictConfig, path: tuple[str, ...] = ()
             raise ValueError(f"unknown config key {where!r}; valid keys here: {valid}")
         value, spec = user[key], schema[key]
         if isinstance(spec, DictConfig) and (path + (str(key),)) not in _FREE_FORM:
-            if value is not None and not isinstance(value, DictConfig):
+            if value is None:  # `train:` with every entry commented out: an empty section, not "no defaults"
+                user[key] = {}
+                continue
+            if not isinstance(value, DictConfig):
                 raise ValueError(f"config key {where!r} must be a section, got {value!r}")
-            if value is not None:
-                _check_keys(value, spec, path + (str(key),))
+            _check_keys(value, spec, path + (str(key),))
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -113,14 +115,24 @@ def validate_train_config(config: DictConfig) -> None:
     stages = int(scheduler.num_stages)
     data, train = config.data, config.train
     multiple = model.patch_size * 2 ** (stages - 1)
-    if not isinstance(data.resolution, int) or data.resolution < multiple or data.resolution % multiple:
+    if not _is_int(data.resolution) or data.resolution < multiple or data.resolution % multiple:
         raise ValueError(f"data.resolution={data.resolution} must be a positive multiple of {multiple} "
                          f"(model.params.patch_size {model.patch_size} x 2^(num_stages-1) with num_stages {stages})")
-    if not isinstance(data.batch_size, int) or data.batch_size < stages:
+    if not _is_int(data.batch_size) or data.batch_size < stages:
         raise ValueError(f"data.batch_size={data.batch_size} must be at least scheduler.num_stages={stages}: "
                          "every batch trains each stage")
     if data.name not in ("imagefolder", "synthetic", "captions"):
         raise ValueError(f"data.name={data.name!r}; expected imagefolder, synthetic or captions")
+    for key in ("center_crop", "cache_text_features"):
+        if not isinstance(data[key], bool):
+            raise ValueError(f"data.{key}={data[key]!r} must be true or false")
+    if not _is_number(data.expand_ratio) or data.expand_ratio <= 0:
+        raise ValueError(f"data.expand_ratio={data.expand_ratio!r} must be a number > 0 (>= 1 with center_crop false)")
+    for key in ("synthetic_size", "synthetic_classes"):
+        if not _is_int(data[key]) or data[key] < 1:
+            raise ValueError(f"data.{key}={data[key]!r} must be an int >= 1")
+    if not isinstance(data.captions_file, str) or not data.captions_file:
+        raise ValueError(f"data.captions_file={data.captions_file!r} must be a file name (JSON lines)")
     if data.name in ("imagefolder", "captions"):
         if not data.root:
             raise ValueError(f"data.root is not set; data.name={data.name} needs a folder of images "
@@ -137,9 +149,12 @@ def validate_train_config(config: DictConfig) -> None:
     if data.name == "synthetic" and data.synthetic_classes > model.num_classes:
         raise ValueError(f"data.synthetic_classes={data.synthetic_classes} exceeds model.params.num_classes="
                          f"{model.num_classes}")
-    if train.max_steps is not None and (not isinstance(train.max_steps, int) or train.max_steps < 1):
+    if model.cross_attention_dim is not None:
+        from .text import text_encoder_settings
+        text_encoder_settings(config)  # checks text_encoder.name and max_length
+    if train.max_steps is not None and (not _is_int(train.max_steps) or train.max_steps < 1):
         raise ValueError(f"train.max_steps={train.max_steps} must be a positive int or null")
-    if not isinstance(train.epochs, int) or train.epochs < 1:
+    if not _is_int(train.epochs) or train.epochs < 1:
         raise ValueError(f"train.epochs={train.epochs} must be a positive int")
     if not _is_number(train.ema_decay) or not 0 <= train.ema_decay <= 1:
         raise ValueError(f"train.ema_decay={train.ema_decay!r} must be a number in [0, 1]")

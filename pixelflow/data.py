@@ -50,9 +50,23 @@ def resize_random_crop(image: Image.Image, size: int, expand_ratio: float, rng: 
     return image.crop((left, top, left + size, top + size))
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB. PIL's own convert clips 16-bit and 32-bit grey to 255 (white) and float
+    images in [0, 1] to black, so those are rescaled first: 16-bit by 1/257, float by 255."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
+        else:  # "I" holds 16-bit PNGs too; 8-bit values are kept as they are
+            scale = 1 / 257 if image.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 1.0
+        arr = np.nan_to_num(arr * scale).round().clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(arr)
+    return image.convert("RGB")
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    """PIL image -> (3, H, W) float32 in [-1, 1]."""
+    arr = np.asarray(to_rgb(image), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0)
 
 
@@ -65,7 +79,7 @@ class Preprocess:
         self.resolution, self.center_crop, self.expand_ratio = resolution, center_crop, expand_ratio
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if self.center_crop:
             image = center_crop_arr(image, self.resolution)
         else:
@@ -111,15 +125,31 @@ class ImageFolderDataset(EpochDataset):
             raise ValueError(f"data.root={str(root)!r} does not exist or is not a folder")
         self.classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.samples: list[tuple[str, int]] = []
+        empty = []
         for label, name in enumerate(self.classes):
-            for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
-                for f in sorted(files):
-                    if f.lower().endswith(IMAGE_EXTENSIONS):
+            count = len(self.samples)
+            walk = []
+            for dirpath, dirs, files in os.walk(root / name, followlinks=True):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints, .thumbnails: copies
+                walk.append((dirpath, files))
+            for dirpath, files in sorted(walk):
+                for f in sorted(files):  # macOS "._x.jpg" files are metadata, not images
+                    if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
                         self.samples.append((os.path.join(dirpath, f), label))
+            if len(self.samples) == count:
+                empty.append(name)
+        if self.samples and empty:
+            raise ValueError(f"data.root={str(root)!r}: class folders {empty[:5]}{' ...' if len(empty) > 5 else ''} "
+                             f"hold no images ({len(empty)} of {len(self.classes)}); every class folder takes a "
+                             f"label, so remove the empty ones or add images with one of {IMAGE_EXTENSIONS}")
         if not self.samples:
             raise ValueError(f"data.root={str(root)!r} holds no images: expected root/<class>/<image> with one of "
                              f"{IMAGE_EXTENSIONS}")
         self.preprocess, self.seed = preprocess, seed
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def get(self, index, rng):
         path, label = self.samples[index]

@@ -85,7 +85,7 @@ class PixelFlowPipeline:
         resolution = summarize_config(config).resolution
         max_length = 512
         if model.cross_attention_dim is not None:
-            from .text import load_text_encoder, text_encoder_settings
+            from .text import check_text_width, load_text_encoder, text_encoder_settings
             name, max_length = text_encoder_settings(config)
             if text_encoder is None or tokenizer is None:
                 text_encoder, tokenizer = load_text_encoder(name, device=device, text_encoder=text_encoder,
@@ -93,11 +93,7 @@ class PixelFlowPipeline:
                                                             feature_dim=model.cross_attention_dim)
             else:  # a given encoder samples in eval mode (T5's dropout would change the images every call)
                 text_encoder = text_encoder.to(device).eval().requires_grad_(False)
-            width = getattr(getattr(text_encoder, "config", None), "d_model", None)
-            if width is not None and width != model.cross_attention_dim:
-                raise ValueError(f"the text encoder gives {width}-wide features (d_model) but the model's "
-                                 f"cross_attention_dim is {model.cross_attention_dim}: text_encoder.name "
-                                 f"{name!r} does not fit this checkpoint")
+            check_text_width(text_encoder, model.cross_attention_dim, name)
         return cls(model, scheduler, resolution=resolution, text_encoder=text_encoder, tokenizer=tokenizer,
                    max_text_length=max_length, autocast_dtype=autocast_dtype, config=config)
 

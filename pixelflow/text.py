@@ -20,7 +20,21 @@ TINY_T5_SEED = 1234
 def text_encoder_settings(config: DictConfig) -> tuple[str, int]:
     """(encoder name, max token length) from config.text_encoder, with the release's defaults."""
     section = config.get("text_encoder", None) or {}
-    return str(section.get("name", DEFAULT_TEXT_ENCODER)), int(section.get("max_length", DEFAULT_MAX_LENGTH))
+    name, max_length = section.get("name", DEFAULT_TEXT_ENCODER), section.get("max_length", DEFAULT_MAX_LENGTH)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"text_encoder.name={name!r} must be a hub id or a local folder, e.g. {DEFAULT_TEXT_ENCODER!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"text_encoder.max_length={max_length!r} must be an int >= 1 (tokens per caption; "
+                         f"the release uses {DEFAULT_MAX_LENGTH})")
+    return name, max_length
+
+
+def check_text_width(text_encoder, feature_dim: int | None, name: str) -> None:
+    """The encoder's feature width (T5's d_model) must be the model's cross_attention_dim."""
+    width = getattr(getattr(text_encoder, "config", None), "d_model", None)
+    if feature_dim is not None and width is not None and width != feature_dim:
+        raise ValueError(f"the text encoder gives {width}-wide features (d_model) but the model's "
+                         f"cross_attention_dim is {feature_dim}: text_encoder.name {name!r} does not fit this model")
 
 
 class ByteTokenizer:
@@ -73,6 +87,7 @@ def load_text_encoder(name: str, device: torch.device | str = "cpu", text_encode
         encoder = text_encoder or T5EncoderModel.from_pretrained(name, torch_dtype=dtype)
         tok = tokenizer or AutoTokenizer.from_pretrained(name)
     encoder = (text_encoder or encoder).to(device).eval().requires_grad_(False)
+    check_text_width(encoder, feature_dim, name)
     return encoder, tokenizer or tok
 
 

@@ -309,6 +309,7 @@ class Trainer:
         self.scheduler = scheduler_from_config(config)
         torch.manual_seed(self.seed)  # the same initial weights on every rank
         self.model = build_model(config, device=self.device)
+        self._check_classes(config)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         train = config.train
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(train.lr),
@@ -330,6 +331,20 @@ class Trainer:
             load_weights(self.ema, state, source=options.pretrained_model, model_from=built_from)
 
     # -- setup helpers
+    def _check_classes(self, config: DictConfig) -> None:
+        """A class folder too many would train as the guidance null label (label num_classes); one more
+        stops the run at the first batch that holds it. data.root=imagenet/ (not imagenet/train) is the
+        usual cause."""
+        found, expected = getattr(self.dataset, "num_classes", None), self.model.num_classes
+        if found is None or not expected:
+            return
+        if found > expected:
+            raise ValueError(f"data.root={config.data.root!r} has {found} class folders but "
+                             f"model.params.num_classes={expected} (is data.root the train split's folder?)")
+        if found < expected:
+            self._log(f"data: {found} classes for a model with model.params.num_classes={expected}; "
+                      f"labels {found}..{expected - 1} are never trained")
+
     def _find_resume(self) -> Path | None:
         latest = latest_training_checkpoint(self.output_dir)
         if self.options.resume:

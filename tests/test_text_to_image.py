@@ -62,6 +62,17 @@ def test_config_names_its_text_encoder(tmp_path):
         pipe(prompt=[], num_inference_steps=1)
 
 
+def test_text_encoder_width_and_max_length_are_checked(captions):
+    from pixelflow.config import validate_train_config
+    from pixelflow.text import ByteTokenizer, load_text_encoder
+    wide, _ = build_tiny_text_encoder(d_model=48)
+    with pytest.raises(ValueError, match="48-wide features .* cross_attention_dim is 32: text_encoder.name 'my-t5'"):
+        load_text_encoder("my-t5", text_encoder=wide, tokenizer=ByteTokenizer(), feature_dim=32)  # training's path
+    for value in ("0", "abc"):
+        with pytest.raises(ValueError, match=f"text_encoder.max_length=.*{value}.* must be an int >= 1"):
+            validate_train_config(t2i_config(captions, f"text_encoder.max_length={value}"))
+
+
 def test_caption_folder_errors(tmp_path, captions):
     preprocess = Preprocess(16)
     with pytest.raises(ValueError, match="captions file .*nope.jsonl.* does not exist"):

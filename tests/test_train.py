@@ -180,6 +180,46 @@ def test_image_folder_skips_unreadable_images(tmp_path):
     assert "skipped unreadable image" in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_image_folder_reads_16_bit_and_float_images_at_their_brightness(tmp_path):
+    from pixelflow.data import to_tensor
+    grey16 = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))  # PIL mode I;16, half grey
+    assert grey16.mode.startswith("I;16")
+    dark16 = Image.fromarray(np.full((4, 4), 100, dtype=np.uint16))   # nearly black in 16 bits
+    grey_float = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32))  # mode F in [0, 1]
+    grey8 = Image.new("L", (4, 4), 128)
+    expected = to_tensor(grey8)
+    for image in (grey16, grey_float, grey16.convert("I")):
+        torch.testing.assert_close(to_tensor(image), expected, atol=1 / 127.5, rtol=0)
+    assert to_tensor(dark16).max() < -0.99
+
+
+def test_image_folder_ignores_hidden_files_and_refuses_empty_classes(tmp_path):
+    from pixelflow.data import ImageFolderDataset, Preprocess
+    root = tmp_path / "data"
+    for c in ("cat", "dog"):
+        (root / c / ".ipynb_checkpoints").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / c / "0.png")
+        Image.new("RGB", (8, 8)).save(root / c / ".ipynb_checkpoints" / "0-checkpoint.png")
+        (root / c / "._0.png").write_bytes(b"macOS metadata")
+    data = ImageFolderDataset(root, Preprocess(8))
+    assert [(Path(p).relative_to(root).as_posix(), label) for p, label in data.samples] == [("cat/0.png", 0),
+                                                                                          ("dog/0.png", 1)]
+    (root / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"class folders \['empty'\] hold no images"):
+        ImageFolderDataset(root, Preprocess(8))
+
+
+def test_more_class_folders_than_num_classes_is_refused(tmp_path):
+    root = tmp_path / "data"
+    for c in range(5):  # the tiny model has 4 classes; label 4 is its null label
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16)).save(root / f"class{c}" / f"{i}.png")
+    config = tiny_config("data.name=imagefolder", f"data.root={root}")
+    with pytest.raises(ValueError, match="has 5 class folders but model.params.num_classes=4"):
+        Trainer(config, TrainOptions(str(tmp_path / "run"), progress=False))
+
+
 def test_synthetic_classes_differ_in_colour():
     from pixelflow.data import SyntheticShapes
     data = SyntheticShapes(32, num_classes=3, size=30)
@@ -199,6 +239,11 @@ def test_synthetic_classes_differ_in_colour():
     (["train.grad_clip=-1"], "train.grad_clip=-1 must be a number > 0"),
     (["train.lr=abc"], "train.lr='abc' must be a number"),
     (["train.preview_steps=-1"], "train.preview_steps=-1"),
+    (["data.center_crop='false'"], "data.center_crop='false' must be true or false"),
+    (["data.expand_ratio=abc"], "data.expand_ratio='abc' must be a number > 0"),
+    (["data.synthetic_size=abc"], "data.synthetic_size='abc' must be an int >= 1"),
+    (["data.synthetic_classes=0"], "data.synthetic_classes=0 must be an int >= 1"),
+    (["train.max_steps=true"], "train.max_steps=True must be a positive int"),
 ])
 def test_bad_config_is_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -212,6 +257,13 @@ def test_unknown_config_key_and_empty_root(tmp_path):
     config = tiny_config("data.name=imagefolder", f"data.root={tmp_path / 'empty'}")
     with pytest.raises(ValueError, match="holds no images"):
         Trainer(config, TrainOptions(str(tmp_path / "run"), progress=False))
+
+
+def test_an_empty_config_section_keeps_the_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  # max_steps: 10\ndata:\n  name: synthetic\n")
+    config = load_config(path)
+    assert config.train.max_steps is None and config.train.lr == 1e-4
 
 
 def test_cli_errors(tmp_path):
