@@ -178,11 +178,13 @@ def accelerate(pipe, options: FastOptions | None = None, **switches: Any):
     dtype = pipe.autocast_dtype if options.precision == "keep" else PRECISIONS[options.precision]
     if dtype == torch.float32:
         dtype = None
-    pipe.autocast_dtype = dtype
-    if options.is_plain:
-        pipe.denoiser = pipe.model
-    else:
-        pipe.denoiser = FastDenoiser(pipe.model, options, autocast_dtype=dtype)
+    weight_dtype = dtype or pipe.model.proj_out_2.weight.dtype
+    if options.attention in _KERNEL_MODULES and weight_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"attention={options.attention!r} runs in bf16 or fp16 only, but this pipeline would run "
+                         f"it in {weight_dtype} (precision={options.precision!r}); use precision='bf16', or "
+                         "attention='auto'")
+    denoiser = pipe.model if options.is_plain else FastDenoiser(pipe.model, options, autocast_dtype=dtype)
+    pipe.autocast_dtype, pipe.denoiser = dtype, denoiser  # only once the denoiser is built: a refusal changes nothing
     return pipe
 
 
@@ -436,8 +438,9 @@ def sdpa_context(kernel: str, strict: bool = False):
     first = _sdpa_backends(kernel)
     if strict:
         return sdpa_kernel([first])
-    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:  # older PyTorch: no priority order
-        return sdpa_kernel([first]) if kernel != "math" else contextlib.nullcontext()
+    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+        # Older PyTorch (< 2.6) has no priority order: `kernel`, with math left for what it cannot take.
+        return sdpa_kernel([first, _sdpa_backends("math")]) if kernel != "math" else contextlib.nullcontext()
     rest = [_sdpa_backends(k) for k in ("flash", "efficient", "cudnn", "math") if k != kernel]
     return sdpa_kernel([first, *rest], set_priority=True)
 
@@ -448,13 +451,24 @@ def median_seconds(fn, device: torch.device | str, reps: int = 5, warmup: int = 
     graph (CUDA): time fn captured in a CUDA graph, without the host's launch overhead, as a forward that
     replays a graph pays it; if fn cannot be captured, fn itself, as such a forward would run it.
     """
+    with on_device(device):
+        return _median_seconds(fn, device, reps, warmup, graph)
+
+
+def on_device(device: torch.device | str):
+    """Make `device` the current CUDA device (its streams, graphs and events); nothing elsewhere."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _median_seconds(fn, device, reps: int, warmup: int, graph: bool) -> float:
     for _ in range(warmup):
         fn()
     times = []
     if graph and torch.device(device).type == "cuda":
         captured = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(captured):
+            with torch.cuda.graph(captured, stream=torch.cuda.Stream(device)):
                 fn()
             fn = captured.replay
         except Exception:  # noqa: BLE001 - not capturable: timed eagerly below
@@ -565,9 +579,10 @@ class FastDenoiser:
     """Calls like the model (dense inputs): v = denoiser(x, timestep, class_labels=... or
     encoder_hidden_states=..., encoder_attention_mask=...). Packed inputs (grid_sizes) go to the plain model.
 
-    Weights are read from the model when first needed and again whenever a parameter is changed in place
-    (its version counter moves, as optimizer steps and load_state_dict do); call `refresh()` after changing
-    weights through `.data`.
+    Weights are read from the model when first needed and again whenever a parameter changes: in place (its
+    version counter moves, as optimizer steps and load_state_dict do: the copies are updated in place, so
+    captured graphs stay valid) or replaced (load_state_dict(assign=True), .to(dtype), .to(device): the copies,
+    graphs and kernel choices are rebuilt). Call `refresh()` after changing weights through `.data`.
     """
 
     def __init__(self, model: torch.nn.Module, options: FastOptions, autocast_dtype: torch.dtype | None = None):
@@ -578,6 +593,11 @@ class FastDenoiser:
         self.model = model
         self.options = options
         self.autocast_dtype = autocast_dtype
+        self._setup()
+
+    def _setup(self) -> None:
+        """Everything that depends on the model's device and weight dtype."""
+        model, options, autocast_dtype = self.model, self.options, self.autocast_dtype
         self.device = model.proj_out_2.weight.device
         self.weight_dtype = autocast_dtype if autocast_dtype is not None else model.proj_out_2.weight.dtype
         if options.cuda_graphs and self.device.type != "cuda":
@@ -606,7 +626,7 @@ class FastDenoiser:
                           f"{self.device} ({self.weight_dtype}): fused_residual is off")
             self.fused_residual = False
         self._weights: dict | None = None
-        self._version: int | None = None
+        self._state: list | None = None  # the parameters the copies were made from (see _param_state)
         self._graphs: dict[tuple, Any] = {}
         self._graph_pool = None
         self._compiled: dict[tuple, Any] = {}  # input shapes -> the block function used for them
@@ -622,11 +642,26 @@ class FastDenoiser:
             self._block_large = compile(block_forward_large, mode=options.compile_mode) if split else self._block
 
     # ------------------------------------------------------------------ weights
-    def _param_version(self) -> int:
-        return sum(p._version for p in self.model.parameters())
+    def _param_state(self) -> list:
+        """Per parameter: which tensor, in which dtype, on which device, at which version."""
+        return [(p.data_ptr(), p.dtype, p.device, p._version) for p in self.model.parameters()]
+
+    def _check_weights(self) -> None:
+        state = self._param_state()
+        if self._weights is not None and state == self._state:
+            return
+        if self._state is not None and [s[:3] for s in state] != [s[:3] for s in self._state]:
+            # Parameters replaced (load_state_dict(assign=True)), moved or cast: rebuild the copies, not write
+            # into tensors that may be the caller's now; graphs and kernel choices were made for the old ones.
+            if {s[1:3] for s in state} != {s[1:3] for s in self._state}:
+                self._setup()  # a new device or dtype: kernel checks and compiled regions again
+            self._weights, self._graphs, self._graph_pool, self._attention = None, {}, None, {}
+            self.attention_choice = {}
+        self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the model's weights into the (merged, cast) copies, in place: captured graphs stay valid."""
+        """Re-read the model's weights into the (merged, cast) copies, in place: captured graphs stay valid.
+        A copy that is the parameter itself (nothing merged or cast) is not written to."""
         fresh = self._build_weights()
         if self._weights is None:
             self._weights = fresh
@@ -634,7 +669,7 @@ class FastDenoiser:
             for old, new in zip(_tensors(self._weights), _tensors(fresh)):
                 if old.data_ptr() != new.data_ptr():
                     old.copy_(new)
-        self._version = self._param_version()
+        self._state = self._param_state()
 
     def _build_weights(self) -> dict:
         m, o = self.model, self.options
@@ -693,8 +728,7 @@ class FastDenoiser:
             raise ValueError(f"expected hidden_states (B, {m.in_channels}, H, W) with H and W multiples of "
                              f"patch_size {m.patch_size}, got {tuple(x.shape)}")
         m.check_text_inputs(encoder_hidden_states)
-        if self._weights is None or self._param_version() != self._version:
-            self.refresh()
+        self._check_weights()
         b = x.shape[0]
         timestep = torch.as_tensor(timestep, device=x.device)
         if timestep.ndim == 0:
@@ -704,7 +738,7 @@ class FastDenoiser:
         inputs = (x, timestep, class_labels, encoder_hidden_states, encoder_attention_mask)
         tokens = b * (x.shape[2] // m.patch_size) * (x.shape[3] // m.patch_size)
         kernel, _ = self._attention_kernel(b, tokens // b)  # measured once per shape, outside autocast
-        with self._precision(), sdpa_context(kernel):
+        with on_device(self.device), self._precision(), sdpa_context(kernel):
             if tokens <= self.graph_max_tokens:
                 return self._replay(inputs)
             return self._forward(*inputs)
@@ -749,7 +783,7 @@ class FastDenoiser:
         else:
             mods = [F.linear(silu_c, bw["ada_w"], bw["ada_b"]).float().unflatten(-1, (6, -1)) for bw in w["blocks"]]
         if self.options.compile_dynamic:
-            for t in (tokens, *mods, rope) + (() if context is None else (context,)):
+            for t in (tokens, *mods, rope) + tuple(t for t in (context, mask) if t is not None):
                 torch._dynamo.mark_dynamic(t, 0)
             torch._dynamo.mark_dynamic(tokens, 1)
         pending, blocks = None, {}  # with fused_residual the first block (nothing pending) is its own shape
@@ -802,7 +836,7 @@ class FastDenoiser:
 
     def _capture(self, inputs: tuple):
         static = tuple(None if t is None else t.clone() for t in inputs)
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: compiles, autotunes, fills caches (RoPE tables) outside the graph
             for _ in range(2):
@@ -812,7 +846,8 @@ class FastDenoiser:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            # Its own capture stream on this device (torch's shared one lives on the device it was first made on).
+            with torch.cuda.graph(graph, pool=self._graph_pool, stream=torch.cuda.Stream(self.device)):
                 out = self._forward(*static)
         except Exception as e:  # a kernel that cannot be captured: run this shape without a graph
             warnings.warn(f"CUDA graph capture failed for input shape {tuple(inputs[0].shape)} "

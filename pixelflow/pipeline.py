@@ -268,6 +268,7 @@ class PixelFlowPipeline:
         cond = conditions["cond"]
         both = conditions["both"] if guided else None
         device = self.device
+        self._follow_fast_path()
 
         def velocity(z: torch.Tensor, model_time) -> torch.Tensor:
             inputs = torch.cat([z, z]) if guided else z
@@ -403,6 +404,20 @@ class PixelFlowPipeline:
 
     def _block_noise(self, b, c, h, w, generators) -> torch.Tensor:
         return self.scheduler.sample_block_noise(b, c, h, w, generator=generators, device=self.device)
+
+    def _follow_fast_path(self) -> None:
+        """A fast path (pixelflow.fast.accelerate) built for another precision or model than the pipeline's
+        now (pipe.autocast_dtype or pipe.model set after accelerate) is built again with the same switches:
+        it would otherwise sample at the old precision, or with the old model's weights."""
+        denoiser = self.denoiser
+        if denoiser is self.model or not hasattr(denoiser, "options") or not hasattr(denoiser, "autocast_dtype"):
+            return
+        dtype = None if self.autocast_dtype == torch.float32 else self.autocast_dtype
+        if denoiser.autocast_dtype != dtype or denoiser.model is not self.model:
+            from dataclasses import replace
+
+            from .fast import accelerate
+            accelerate(self, replace(denoiser.options, precision="keep"))
 
     def _autocast(self):
         if self.autocast_dtype is None or self.autocast_dtype == torch.float32:

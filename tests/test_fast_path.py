@@ -384,6 +384,74 @@ def test_weights_follow_in_place_updates(make_tiny_model):
     assert max_abs(before, after) > 1e-4
 
 
+@pytest.mark.parametrize("change", ["assign", "dtype", "double"])
+def test_weights_follow_replaced_parameters_and_leave_the_callers_tensors(make_tiny_model, change):
+    """load_state_dict(assign=True) or .to(dtype) replaces parameters without moving their version counters:
+    the fast path must use the new ones, and never write into the old ones (a caller's backup)."""
+    model = make_tiny_model().eval()
+    torch.nn.init.normal_(model.proj_out_2.weight, std=0.02)
+    den = denoiser(model)  # nothing merged or cast: the copies are the parameters themselves
+    x, t, labels = forward_inputs(batch=2, size=8)
+    labels = labels % model.num_classes
+    with torch.no_grad():
+        den(x, t, class_labels=labels)
+        backup = {k: v.clone() for k, v in model.state_dict().items()}
+        held = model.state_dict()  # the caller's references to the old tensors
+        if change == "assign":
+            new = make_tiny_model(seed=1).state_dict()
+            new["proj_out_2.weight"].normal_(std=0.02)
+            model.load_state_dict(new, assign=True)
+            model.transformer_blocks[0].attn1.q_proj.weight.mul_(1.5)  # and one in-place step after it
+        elif change == "dtype":
+            model.to(torch.bfloat16).float()
+        else:
+            model.double()
+            x = x.double()
+        out = den(x, t, class_labels=labels)
+        expected = model(x, t, class_labels=labels)
+    assert out.dtype == expected.dtype and max_abs(out, expected) < EXACT_ATOL
+    assert all(torch.equal(held[k], backup[k]) for k in backup)
+
+
+def test_refused_accelerate_changes_nothing(plain_pipe):
+    with pytest.raises(ValueError, match="head_pad"):
+        fast.accelerate(plain_pipe, precision="bf16", merge_qkv=True, head_pad=8)
+    assert plain_pipe.autocast_dtype is None and plain_pipe.denoiser is plain_pipe.model
+
+
+def test_fast_path_follows_the_pipelines_precision_and_model(plain_pipe):
+    """pipe.autocast_dtype or pipe.model set after accelerate: the fast path is built again, not left stale."""
+    kwargs = dict(class_labels=[3, 7], height=32, width=32, num_inference_steps=2, guidance_scale=2.0,
+                  output_type="pt")
+    fast.accelerate(plain_pipe, precision="keep", merge_qkv=True, merge_adaln=True)
+    plain_pipe.autocast_dtype = torch.bfloat16
+    out = plain_pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    assert plain_pipe.denoiser.autocast_dtype == torch.bfloat16
+    fast.plain(plain_pipe)
+    expected = plain_pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    assert max_abs(out, expected) < 2e-2
+    plain_pipe.autocast_dtype = None
+    fast.accelerate(plain_pipe, precision="keep", merge_qkv=True)
+    original, plain_pipe.model = plain_pipe.model, copy_with_noise(plain_pipe.model)
+    try:
+        out = plain_pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+        assert plain_pipe.denoiser.model is plain_pipe.model
+        fast.plain(plain_pipe)
+        expected = plain_pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+        assert max_abs(out, expected) < SAMPLING_ATOL
+    finally:
+        plain_pipe.model = plain_pipe.denoiser = original
+
+
+def copy_with_noise(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p), alpha=0.01)
+    return other
+
+
 def test_bf16_fast_forward_equals_plain_bf16(pipe):
     x, t, labels = forward_inputs()
     den = fast.FastDenoiser(pipe.model, fast.FastOptions(precision="bf16", **ALL_CPU_SWITCHES).resolve("cpu"),
@@ -484,6 +552,21 @@ def test_dynamic_compile_serves_every_shape_with_one_graph(make_tiny_model):
             out = den(x, t, class_labels=labels % model.num_classes)
             assert max_abs(out, model(x, t, class_labels=labels % model.num_classes)) < EXACT_ATOL
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_dynamic_compile_serves_text_to_image(t2i_model, load_golden):
+    """The text mask is batch-sized too: it must be marked dynamic with the rest, or no shape compiles."""
+    torch._dynamo.reset()
+    case = load_golden("t2i_forward.pt")
+    den = denoiser(t2i_model, merge_qkv=True, merge_adaln=True, compile_dynamic=True, **EAGER_COMPILE)
+    kwargs = dict(encoder_hidden_states=case["encoder_hidden_states"],
+                  encoder_attention_mask=case["encoder_attention_mask"])
+    with torch.no_grad():
+        out = den(case["hidden_states"], case["timestep"], **kwargs)
+        expected = t2i_model(case["hidden_states"], case["timestep"], **kwargs)
+    assert max_abs(out, expected) < EXACT_ATOL
+    status = den.status()
+    assert status["compiled_shapes"] >= 1 and status["compile_fallbacks"] == 0, status
 
 
 def test_compile_failure_falls_back_to_the_plain_block(pipe):
