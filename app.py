@@ -11,15 +11,21 @@ from __future__ import annotations
 import argparse
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def _port(text: str) -> int:
-    value = int(text)
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in 0..65535, got {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port in 0..65535, got {value}")
     return value
@@ -32,11 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for the release's command line; the checkpoint's config decides, and this "
                         "flag must agree with it")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_port, default=7860, help="port to serve on (default: %(default)s)")
+    p.add_argument("--port", type=port, default=7860, help="port to serve on (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available); bf16 autocast on cuda")
-    p.add_argument("--max-images", type=_positive_int, default=8, help="cap on images per request")
-    p.add_argument("--max-steps", type=_positive_int, default=100, help="cap on Euler steps per stage")
-    p.add_argument("--max-queue", type=_positive_int, default=16, help="requests that may wait in the queue")
+    p.add_argument("--max-images", type=positive_int, default=8, help="cap on images per request")
+    p.add_argument("--max-steps", type=positive_int, default=100, help="cap on Euler steps per stage")
+    p.add_argument("--max-queue", type=positive_int, default=16, help="requests that may wait in the queue")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--no-fast", dest="fast", action="store_false",
                    help="run the plain model instead of the fast path (pixelflow.fast; CUDA only)")

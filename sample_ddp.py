@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from pixelflow.checkpoint import WeightsError
+from pixelflow.checkpoint import FolderError, WeightsError
 from pixelflow.distributed import cleanup, init_distributed, resolve_device
 from pixelflow.sampling import BARRIER_TIMEOUT, SampleOptions, plan_on_every_rank, sample_to_folder
 
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(str(e))
         try:
             sample_to_folder(plan, ctx)
-        except WeightsError as e:  # an unreadable or mismatched weights file: the reason, without a traceback
+        except (WeightsError, FolderError) as e:  # unreadable weights, an unmakeable folder: the reason alone
             sys.exit(f"{parser.prog}: error: {e}")
     finally:
         cleanup(ctx)

@@ -61,6 +61,37 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+class FolderError(ValueError):
+    """An output folder that cannot be made or written: reported by its option, without a traceback."""
+
+
+def check_writable_folder(folder: str | os.PathLike, flag: str) -> None:
+    """Refuse a folder that cannot be made: its nearest existing ancestor must be a writable folder. (An
+    existing folder is left to the run: a finished one needs no writes inside it.) flag: the option that named
+    it, for the message."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return
+    if folder.exists():
+        raise FolderError(f"{flag} {str(folder)!r} exists and is not a folder")
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FolderError(f"{flag} {str(folder)!r} cannot be made: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FolderError(f"{flag} {str(folder)!r}: {str(existing)!r} is not writable by this user")
+
+
+def make_folder(folder: str | os.PathLike, flag: str) -> None:
+    """mkdir -p, with an OSError (a read-only file system, which os.access does not see for root) said as a
+    FolderError naming the option."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FolderError(f"{flag} {str(folder)!r} cannot be made: {e.strerror or e}") from None
+
+
 def instantiate(target: str, params: dict) -> torch.nn.Module:
     """Build `target(**params)`; target is a dotted path inside the pixelflow package."""
     if not isinstance(target, str) or not target.startswith("pixelflow."):

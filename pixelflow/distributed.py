@@ -58,7 +58,10 @@ def resolve_device(device: str | torch.device | None, local_rank: int | None = N
         local_rank = env_ranks()[2]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; expected cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use --device cpu")

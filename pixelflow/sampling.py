@@ -35,7 +35,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import WeightsError, atomic_write, find_weights, load_config, resolve_pretrained, summarize_config
+from .checkpoint import (FolderError, WeightsError, atomic_write, check_writable_folder, find_weights, load_config,
+                         make_folder, resolve_pretrained, summarize_config)
 from .distributed import (DistributedContext, agree, all_gather, all_reduce_sum, barrier, cleanup, init_distributed,
                           resolve_device)
 
@@ -457,9 +458,7 @@ def plan_sampling(opts: SampleOptions) -> SamplingPlan:
     else:
         sample_dir = default_sample_dir(checkpoint, opts.cfg, solver, steps, opts.global_seed, opts.shift,
                                         opts.prompts, opts.guidance_schedule)
-    if sample_dir.exists() and not sample_dir.is_dir():
-        raise ValueError(f"--sample-dir {str(sample_dir)!r} exists and is not a folder")
-    check_writable_folder(sample_dir)
+    check_writable_folder(sample_dir, "--sample-dir")
     npz_path(sample_dir)
     plan = SamplingPlan(options=opts, checkpoint=checkpoint, sample_dir=sample_dir, device=device,
                         precision=precision, steps=steps, solver=solver, resolution=resolution,
@@ -467,20 +466,6 @@ def plan_sampling(opts: SampleOptions) -> SamplingPlan:
     plan.settings = sampling_settings(plan)
     check_resumable(sample_dir, plan.settings)
     return plan
-
-
-def check_writable_folder(folder: Path) -> None:
-    """Refuse a folder that cannot be made: its nearest existing ancestor must be a writable folder. (An
-    existing folder is left to the run: a finished one needs no writes inside it.)"""
-    if folder.is_dir():
-        return
-    existing = Path(os.path.abspath(folder))
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"--sample-dir {str(folder)!r} cannot be made: {str(existing)!r} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--sample-dir {str(folder)!r}: {str(existing)!r} is not writable by this user")
 
 
 def plan_on_every_rank(opts: SampleOptions, ctx: DistributedContext) -> SamplingPlan:
@@ -533,11 +518,15 @@ def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
     if opts.fast:  # merged, compiled, graph-captured forwards on CUDA; the plain model elsewhere
         from .fast import accelerate
         accelerate(pipe, precision="keep")
+    error = None
     if ctx.is_main:
-        plan.sample_dir.mkdir(parents=True, exist_ok=True)
-        write_settings(plan, ctx.world_size)
-        remove_stale_temporaries(plan.sample_dir)
-    barrier(ctx)
+        try:
+            make_folder(plan.sample_dir, "--sample-dir")
+            write_settings(plan, ctx.world_size)
+            remove_stale_temporaries(plan.sample_dir)
+        except (ValueError, OSError) as e:
+            error = e if isinstance(e, FolderError) else FolderError(f"--sample-dir {str(plan.sample_dir)!r}: {e}")
+    agree(ctx, error, "preparing the sample folder", FolderError)
     size = plan.resolution
     chunks = chunks_for_rank(opts.num_fid_samples, opts.local_batch_size, ctx.rank, ctx.world_size)
     work = pending_batches(chunks, lambda i: is_complete_png(png_path(plan.sample_dir, i), size, size))

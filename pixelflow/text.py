@@ -22,7 +22,8 @@ def text_encoder_settings(config: DictConfig) -> tuple[str, int]:
     section = config.get("text_encoder", None) or {}
     name, max_length = section.get("name", DEFAULT_TEXT_ENCODER), section.get("max_length", DEFAULT_MAX_LENGTH)
     if not isinstance(name, str) or not name:
-        raise ValueError(f"text_encoder.name={name!r} must be a hub id or a local folder, e.g. {DEFAULT_TEXT_ENCODER!r}")
+        raise ValueError(f"text_encoder.name={name!r} must be a hub id or a local folder, "
+                         f"e.g. {DEFAULT_TEXT_ENCODER!r}")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"text_encoder.max_length={max_length!r} must be an int >= 1 (tokens per caption; "
                          f"the release uses {DEFAULT_MAX_LENGTH})")

@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .batching import assign_stages, pack_batch, per_image_mse
-from .checkpoint import (atomic_save, atomic_write, build_model, checkpoint_dir, list_checkpoints, load_weights,
-                         read_state_dict, resolve_pretrained, scheduler_from_config)
+from .checkpoint import (atomic_save, atomic_write, build_model, check_writable_folder, checkpoint_dir,
+                         list_checkpoints, load_weights, make_folder, read_state_dict, resolve_pretrained,
+                         scheduler_from_config)
 from .config import to_yaml, validate_train_config
 from .data import ResumableShardSampler, build_dataset, gather_examples, image_grid
 
@@ -288,6 +289,7 @@ class Trainer:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value!r}")
         self.output_dir = Path(options.output_dir)
+        check_writable_folder(self.output_dir, "--output-dir")
         self.resume_from = self._find_resume()
         if options.pretrained_model is not None:
             self._pretrained_path = Path(options.pretrained_model)
@@ -296,7 +298,7 @@ class Trainer:
 
     def _setup(self, config: DictConfig, options: TrainOptions) -> None:
         self.device = self.dist.device
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(self.output_dir, "--output-dir")
         setup_logging(self.output_dir, self.dist.is_main)
         if self.dist.is_main:  # a run killed while saving leaves a temporary folder behind
             recover_checkpoints(self.output_dir)

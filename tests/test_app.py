@@ -210,6 +210,8 @@ def test_cli_defaults_match_the_demo():
     (["--checkpoint", "x", "--classcond"], "unrecognized arguments: --classcond"),
     (["--checkpoint", "x", "--max-images", "0"], "--max-images: must be >= 1"),
     (["--checkpoint", "x", "--port", "70000"], "--port: must be a TCP port in 0..65535, got 70000"),
+    (["--checkpoint", "x", "--max-steps", "x"], "--max-steps: expected an int >= 1, got 'x'"),
+    (["--checkpoint", "x", "--port", "y"], "--port: expected a TCP port in 0..65535, got 'y'"),
     ([], "the following arguments are required: --checkpoint"),
 ])
 def test_cli_rejects_bad_flags(argv, message, capsys):

@@ -214,6 +214,7 @@ def test_dopri5_resume_resamples_whole_batches(tmp_path):
     (["--cfg", "-1"], "--cfg must be a finite number >= 0"),
     (["--prompts", str(REPO / "tests" / "golden" / "README.md")], "class-to-image checkpoint"),
     (["--num-fid-samples", "4", "--shift", "0"], "--shift must be > 0"),
+    (["--device", "foo"], "--device 'foo' is not a device; expected cpu, cuda or cuda:N"),
 ])
 def test_bad_values_stop_before_any_work(tmp_path, capsys, extra, needle):
     folder = tmp_path / "never"
@@ -222,6 +223,21 @@ def test_bad_values_stop_before_any_work(tmp_path, capsys, extra, needle):
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
     assert not folder.exists()
+
+
+def test_a_sample_folder_that_cannot_be_made_is_named(tmp_path, monkeypatch):
+    """os.access passes for root on a read-only file system: the mkdir's own error is said plainly."""
+    import errno
+    import pathlib
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    folder = tmp_path / "ro" / "samples"
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main(_args(folder, 4, 2))
+    assert f"--sample-dir {str(folder)!r} cannot be made: Read-only file system" in str(e.value.code)
 
 
 def test_missing_checkpoint_and_misspelled_flag(tmp_path, capsys):

@@ -272,6 +272,11 @@ def test_cli_errors(tmp_path):
     proc = run_train(tmp_path, str(ROOT / "configs" / "tiny_c2i.yaml"), "data.resolution=20", check=False)
     assert proc.returncode != 0 and "data.resolution=20" in proc.stderr
     assert not (tmp_path / "exp0001" / "checkpoints").exists()
+    (tmp_path / "a_file").write_text("")
+    proc = run_train(tmp_path, str(ROOT / "configs" / "tiny_c2i.yaml"), "--output-dir",
+                     str(tmp_path / "a_file" / "run"), check=False)
+    assert proc.returncode != 0 and "train.py: error: --output-dir" in proc.stderr
+    assert "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
