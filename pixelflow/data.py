@@ -52,15 +52,12 @@ def resize_random_crop(image: Image.Image, size: int, expand_ratio: float, rng: 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image -> 8-bit RGB. PIL's own convert clips 16-bit and 32-bit grey to 255 (white) and float
-    images in [0, 1] to black, so those are rescaled first: 16-bit by 1/257, float by 255."""
+    images to black, so those are rescaled first, by mode: integer grey ("I;16*", and "I", which older Pillow
+    gives 16-bit PNGs) is taken as 16-bit, divided by 257; float grey ("F") as [0, 1], times 255."""
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        if image.mode == "F":
-            scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
-        else:  # "I" holds 16-bit PNGs too; 8-bit values are kept as they are
-            scale = 1 / 257 if image.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 1.0
-        arr = np.nan_to_num(arr * scale).round().clip(0, 255).astype(np.uint8)
-        image = Image.fromarray(arr)
+        scale = 255.0 if image.mode == "F" else 1 / 257
+        arr = np.nan_to_num(np.asarray(image, dtype=np.float64) * scale)
+        image = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
 
 

@@ -174,7 +174,8 @@ def accelerate(pipe, options: FastOptions | None = None, **switches: Any):
     unknown = sorted(set(switches) - names)
     if unknown:
         raise ValueError(f"unknown fast-path switch(es) {unknown}; expected some of {sorted(names)}")
-    options = replace(options or FastOptions(), **switches).resolve(pipe.device)
+    requested = replace(options or FastOptions(), **switches)
+    options = requested.resolve(pipe.device)
     dtype = pipe.autocast_dtype if options.precision == "keep" else PRECISIONS[options.precision]
     if dtype == torch.float32:
         dtype = None
@@ -184,6 +185,8 @@ def accelerate(pipe, options: FastOptions | None = None, **switches: Any):
                          f"it in {weight_dtype} (precision={options.precision!r}); use precision='bf16', or "
                          "attention='auto'")
     denoiser = pipe.model if options.is_plain else FastDenoiser(pipe.model, options, autocast_dtype=dtype)
+    if denoiser is not pipe.model:
+        denoiser.requested = requested  # before "auto" was resolved: to build it again on another device
     pipe.autocast_dtype, pipe.denoiser = dtype, denoiser  # only once the denoiser is built: a refusal changes nothing
     return pipe
 
@@ -581,8 +584,9 @@ class FastDenoiser:
 
     Weights are read from the model when first needed and again whenever a parameter changes: in place (its
     version counter moves, as optimizer steps and load_state_dict do: the copies are updated in place, so
-    captured graphs stay valid) or replaced (load_state_dict(assign=True), .to(dtype), .to(device): the copies,
-    graphs and kernel choices are rebuilt). Call `refresh()` after changing weights through `.data`.
+    captured graphs stay valid) or replaced (load_state_dict(assign=True), .to(dtype), a move to another GPU: the
+    copies, graphs and kernel choices are rebuilt). A pipeline moved between the CPU and CUDA builds its fast
+    path again from the switches given to `accelerate`. Call `refresh()` after changing weights through `.data`.
     """
 
     def __init__(self, model: torch.nn.Module, options: FastOptions, autocast_dtype: torch.dtype | None = None):
@@ -843,11 +847,13 @@ class FastDenoiser:
                 self._forward(*static)
         torch.cuda.current_stream().wait_stream(side)
         if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
+            # One pool and one capture stream for all this denoiser's graphs: the allocator reuses a freed
+            # block only on the stream that freed it, so graphs captured on several streams would not share.
+            self._graph_pool, self._capture_stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
         graph = torch.cuda.CUDAGraph()
         try:
             # Its own capture stream on this device (torch's shared one lives on the device it was first made on).
-            with torch.cuda.graph(graph, pool=self._graph_pool, stream=torch.cuda.Stream(self.device)):
+            with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._capture_stream):
                 out = self._forward(*static)
         except Exception as e:  # a kernel that cannot be captured: run this shape without a graph
             warnings.warn(f"CUDA graph capture failed for input shape {tuple(inputs[0].shape)} "

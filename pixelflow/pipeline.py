@@ -406,18 +406,19 @@ class PixelFlowPipeline:
         return self.scheduler.sample_block_noise(b, c, h, w, generator=generators, device=self.device)
 
     def _follow_fast_path(self) -> None:
-        """A fast path (pixelflow.fast.accelerate) built for another precision or model than the pipeline's
-        now (pipe.autocast_dtype or pipe.model set after accelerate) is built again with the same switches:
-        it would otherwise sample at the old precision, or with the old model's weights."""
+        """A fast path (pixelflow.fast.accelerate) built for another precision, model or device type than the
+        pipeline's now (pipe.autocast_dtype, pipe.model or pipe.to(...) after accelerate) is built again with the
+        same switches: it would otherwise sample at the old precision, with the old weights, or fail."""
         denoiser = self.denoiser
         if denoiser is self.model or not hasattr(denoiser, "options") or not hasattr(denoiser, "autocast_dtype"):
             return
         dtype = None if self.autocast_dtype == torch.float32 else self.autocast_dtype
-        if denoiser.autocast_dtype != dtype or denoiser.model is not self.model:
+        moved = denoiser.device.type != self.device.type  # CUDA-only switches resolved for the old device
+        if denoiser.autocast_dtype != dtype or denoiser.model is not self.model or moved:
             from dataclasses import replace
 
             from .fast import accelerate
-            accelerate(self, replace(denoiser.options, precision="keep"))
+            accelerate(self, replace(getattr(denoiser, "requested", denoiser.options), precision="keep"))
 
     def _autocast(self):
         if self.autocast_dtype is None or self.autocast_dtype == torch.float32:
