@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_config, resolve_pretrained, summarize_config
+from .distributed import parse_device
 from .imagenet_classes import class_names
 from .pipeline import SOLVERS, PixelFlowPipeline
 
@@ -73,10 +74,7 @@ def load_demo_pipeline(checkpoint: str | Path, device: str | torch.device | None
     if class_cond and num_classes <= 0:
         raise ValueError(f"--class_cond was given but {str(folder)!r} is a text-to-image checkpoint "
                          f"(model.params.num_classes = {num_classes}); drop --class_cond, the config decides the mode")
-    try:
-        device = torch.device(device or default_device())
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device; expected cpu, cuda or cuda:N") from None
+    device = parse_device(device or default_device())
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device} is not supported; expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():

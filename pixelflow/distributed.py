@@ -51,6 +51,14 @@ def env_ranks() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """torch.device(device), with a bad name said as a ValueError naming --device."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; expected cpu, cuda or cuda:N") from None
+
+
 def resolve_device(device: str | torch.device | None, local_rank: int | None = None) -> torch.device:
     """The device for this process: as given, with a bare "cuda" meaning cuda:LOCAL_RANK; None means
     cuda:LOCAL_RANK when CUDA is available, else the CPU."""
@@ -58,10 +66,7 @@ def resolve_device(device: str | torch.device | None, local_rank: int | None = N
         local_rank = env_ranks()[2]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device; expected cpu, cuda or cuda:N") from None
+    device = parse_device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use --device cpu")
