@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None,
                         help="e.g. cpu or cuda (default: cuda:LOCAL_RANK if CUDA is available, else cpu)")
     parser.add_argument("--prompts", default=None,
-                        help="text-to-image only: a file with one prompt per line; image i uses prompt i mod count")
+                        help="text-to-image only: a UTF-8 file with one prompt per line (blank lines skipped); "
+                             "image i uses prompt i mod count")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.add_argument("--no-fast", dest="fast", action="store_false",
                         help="sample with the plain model instead of the fast path (pixelflow.fast; CUDA only)")

@@ -165,22 +165,27 @@ class CaptionDataset(EpochDataset):
             raise ValueError(f"captions file {str(path)!r} does not exist (data.captions_file={captions_file!r}); "
                              'expected JSON lines {"file": ..., "caption": ...}')
         self.samples: list[tuple[str, str]] = []
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    file, caption = row["file"], row["caption"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{line_number}: expected {{\"file\": ..., \"caption\": ...}}, "
-                                     f"got {line.strip()[:200]!r} ({e})") from None
-                if not isinstance(caption, str):
-                    raise ValueError(f"{path}:{line_number}: caption must be a string, got {caption!r}")
-                image_path = root / file
-                if not image_path.is_file():
-                    raise ValueError(f"{path}:{line_number}: image {file!r} does not exist under {str(root)!r}")
-                self.samples.append((str(image_path), caption))
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) allowed
+        except UnicodeDecodeError as e:
+            raise ValueError(f"captions file {str(path)!r} is not UTF-8 text ({e})") from None
+        for line_number, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                file, caption = row["file"], row["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{line_number}: expected {{\"file\": ..., \"caption\": ...}}, "
+                                 f"got {line.strip()[:200]!r} ({e})") from None
+            if not isinstance(caption, str):
+                raise ValueError(f"{path}:{line_number}: caption must be a string, got {caption!r}")
+            if not isinstance(file, str) or not file:
+                raise ValueError(f"{path}:{line_number}: file must be an image path (a string), got {file!r}")
+            image_path = root / file
+            if not image_path.is_file():
+                raise ValueError(f"{path}:{line_number}: image {file!r} does not exist under {str(root)!r}")
+            self.samples.append((str(image_path), caption))
         if not self.samples:
             raise ValueError(f"captions file {str(path)!r} has no rows")
         self.preprocess, self.seed = preprocess, seed

@@ -216,6 +216,8 @@ class DemoGenerator:
             prompt = "" if condition is None else str(condition).strip()
             if not prompt:
                 raise gr.Error("type a prompt first")
+            if negative_prompt is not None and not isinstance(negative_prompt, str):
+                raise gr.Error(f"the negative prompt must be text, got {type(negative_prompt).__name__}")
             negative_prompt = (negative_prompt or "").strip()
             for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
                 if len(text) > MAX_PROMPT_CHARS:

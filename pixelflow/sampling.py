@@ -230,11 +230,18 @@ def remove_stale_temporaries(sample_dir: Path) -> int:
 
 
 def load_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per line; blank lines are skipped."""
+    """One prompt per line (UTF-8, a BOM allowed; only newlines end a line); blank lines are skipped, so
+    prompt i is the file's i-th non-blank line."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--prompts {str(path)!r} is a folder; expected a text file with one prompt per line")
     if not path.is_file():
         raise ValueError(f"--prompts file {str(path)!r} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts file {str(path)!r} is not UTF-8 text ({e})") from None
+    prompts = [line.strip() for line in text.split("\n")]  # not splitlines: U+2028 inside a prompt stays
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"--prompts file {str(path)!r} holds no prompts (expected one prompt per line)")

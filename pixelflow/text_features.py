@@ -1,7 +1,10 @@
 """Caption features for text-to-image training: T5 features computed on the fly or cached on disk.
 
 Features are kept unpadded per caption and padded to the longest caption of each batch; the padding
-mask makes that exact (a caption's features do not depend on how far it is padded).
+mask makes that exact (a caption's features do not depend on how far it is padded). The cache stores them in
+the encoder's own precision (bfloat16 on CUDA), so a run trains on the same numbers with or without it, and
+keys its folder by the encoder's name, width, precision, max_length and a sample of its weights: another encoder
+never reads features it did not make.
 """
 
 from __future__ import annotations
@@ -17,6 +20,18 @@ from .checkpoint import atomic_save
 from .text import encode_text, load_text_encoder, text_encoder_settings
 
 
+def encoder_fingerprint(encoder: torch.nn.Module, max_length: int) -> str:
+    """12 hex digits from the encoder's width, dtype, parameter names and shapes, and 64 evenly spaced values
+    of each parameter (exact bytes, cheap even for T5-XL): a retrained or other encoder gets another cache."""
+    h = hashlib.sha256(f"{getattr(getattr(encoder, 'config', None), 'd_model', None)}|{max_length}".encode())
+    for name, p in encoder.named_parameters():
+        flat = p.detach().reshape(-1)
+        picks = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+        h.update(flat[picks].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 class TextFeatures:
     def __init__(self, config: DictConfig, device: torch.device, output_dir: Path):
         name, self.max_length = text_encoder_settings(config)
@@ -24,9 +39,11 @@ class TextFeatures:
         self.encoder, self.tokenizer = load_text_encoder(name, device=device, feature_dim=feature_dim)
         self.device = device
         self.cache_dir = None
+        self.store_dtype = next(self.encoder.parameters()).dtype  # features are exact in it
         if config.data.get("cache_text_features", False):
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-            self.cache_dir = Path(output_dir) / "text_cache" / f"{slug}-{self.max_length}"
+            self.cache_dir = (Path(output_dir) / "text_cache" /
+                              f"{slug}-{self.max_length}-{encoder_fingerprint(self.encoder, self.max_length)}")
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.empty = self._encode([""])[0]
 
@@ -45,8 +62,9 @@ class TextFeatures:
                 missing.append(i)
         if missing:
             for i, features in zip(missing, self._encode([captions[i] for i in missing])):
-                atomic_save(features.half().cpu(), paths[i])
-                out[i] = features.half().float()  # what a later read of the cache gives
+                stored = features.to(self.store_dtype)
+                atomic_save(stored.cpu(), paths[i])
+                out[i] = stored.float()  # what a later read of the cache gives (the same numbers)
         return out
 
     def _cache_path(self, index: int, caption: str) -> Path:

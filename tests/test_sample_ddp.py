@@ -337,6 +337,19 @@ def test_text_to_image_with_prompts(t2i_ckpt, tmp_path, capsys):
     assert "text-to-image checkpoint: pass --prompts" in capsys.readouterr().err
 
 
+def test_prompts_file_lines(tmp_path):
+    """A BOM is not part of prompt 0; a U+2028 inside a prompt does not split it; a folder or a non-UTF-8
+    file is named."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\ufeffa red fox\r\nline\u2028two\n\n a blue bird \n", encoding="utf-8")
+    assert sampling.load_prompts(prompts) == ["a red fox", "line\u2028two", "a blue bird"]
+    with pytest.raises(ValueError, match="is a folder"):
+        sampling.load_prompts(tmp_path)
+    prompts.write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="prompts.txt' is not UTF-8 text"):
+        sampling.load_prompts(prompts)
+
+
 def test_guidance_schedule_constant_is_g_at_every_stage():
     from pixelflow.sampling import SampleOptions, check_options, guidance_weights
     assert guidance_weights(SampleOptions(pretrained="x", cfg=1.5, guidance_schedule="constant"), 4) == [1.5] * 4

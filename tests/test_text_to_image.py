@@ -75,6 +75,18 @@ def test_text_encoder_width_and_max_length_are_checked(captions):
 
 def test_caption_folder_errors(tmp_path, captions):
     preprocess = Preprocess(16)
+    odd = tmp_path / "odd"
+    shutil.copytree(captions / "images", odd / "images")
+    rows = [json.dumps({"file": "images/000000.png", "caption": "a red disc"}),
+            json.dumps({"file": "images/000001.png", "caption": "line\u2028two"}, ensure_ascii=False)]
+    (odd / "captions.jsonl").write_text("\ufeff" + "\r\n".join(rows) + "\r\n", encoding="utf-8")  # Notepad-style
+    assert [c for _, c in CaptionDataset(odd, "captions.jsonl", preprocess).samples] == ["a red disc", "line\u2028two"]
+    (odd / "captions.jsonl").write_bytes('{"file": "images/000000.png", "caption": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        CaptionDataset(odd, "captions.jsonl", preprocess)
+    (odd / "captions.jsonl").write_text('{"file": 5, "caption": "x"}\n')
+    with pytest.raises(ValueError, match="captions.jsonl:1: file must be an image path"):
+        CaptionDataset(odd, "captions.jsonl", preprocess)
     with pytest.raises(ValueError, match="captions file .*nope.jsonl.* does not exist"):
         CaptionDataset(captions, "nope.jsonl", preprocess)
     bad = tmp_path / "bad"
@@ -117,9 +129,15 @@ def test_cached_text_features_match_on_the_fly(tmp_path, captions):
     f2, m2 = cached.text(captions_, indices, dropped)  # second call reads the cache
     f3, m3 = plain.text(captions_, indices, dropped)
     assert torch.equal(f1, f2) and torch.equal(m1, m2) and torch.equal(m1, m3)
-    assert (f1 - f3).abs().max() < 1e-2  # the cache keeps float16
+    assert torch.equal(f1, f3)  # stored in the encoder's precision: the same numbers as on the fly
     assert m1[1].sum() == 1  # the dropped caption is the empty prompt: just the end token
-    assert len(list((tmp_path / "cached" / "text_cache").rglob("*.pt"))) == 1
+    assert len(list(cached.text.cache_dir.glob("*.pt"))) == 1
+    # Another encoder (here a wider one, for a wider model) gets its own cache folder, never these features.
+    wide = Trainer(t2i_config(captions, "train.max_steps=1", "data.cache_text_features=true",
+                              "model.params.cross_attention_dim=48"),
+                   TrainOptions(str(tmp_path / "cached"), resume=True, progress=False))
+    assert wide.text.cache_dir != cached.text.cache_dir
+    assert wide.text(captions_, indices, dropped)[0].shape[-1] == 48
 
 
 @pytest.mark.slow
