@@ -20,13 +20,20 @@ from .checkpoint import atomic_save
 from .text import encode_text, load_text_encoder, text_encoder_settings
 
 
+def spread_indices(numel: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """min(count, numel) evenly spaced indices into numel elements, first and last included. Integer
+    arithmetic: a float32 linspace rounds numel - 1 up past the end above 2**24 (T5-XL's embedding table)."""
+    k = min(count, numel)
+    return torch.arange(k, device=device) * (numel - 1) // max(k - 1, 1)
+
+
 def encoder_fingerprint(encoder: torch.nn.Module, max_length: int) -> str:
     """12 hex digits from the encoder's width, dtype, parameter names and shapes, and 64 evenly spaced values
     of each parameter (exact bytes, cheap even for T5-XL): a retrained or other encoder gets another cache."""
     h = hashlib.sha256(f"{getattr(getattr(encoder, 'config', None), 'd_model', None)}|{max_length}".encode())
     for name, p in encoder.named_parameters():
         flat = p.detach().reshape(-1)
-        picks = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
+        picks = spread_indices(flat.numel(), 64, flat.device)
         h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
         h.update(flat[picks].float().cpu().numpy().tobytes())
     return h.hexdigest()[:12]

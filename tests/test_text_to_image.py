@@ -73,6 +73,14 @@ def test_text_encoder_width_and_max_length_are_checked(captions):
             validate_train_config(t2i_config(captions, f"text_encoder.max_length={value}"))
 
 
+def test_cache_fingerprint_samples_stay_inside_large_tensors():
+    from pixelflow.text_features import spread_indices
+    numel = 32128 * 2048  # flan-t5-xl's embedding table: a float32 linspace would give index numel
+    picks = spread_indices(numel, 64)
+    assert picks[0] == 0 and picks[-1] == numel - 1 and len(picks) == 64 and (picks.diff() > 0).all()
+    assert spread_indices(5, 64).tolist() == [0, 1, 2, 3, 4] and spread_indices(1, 64).tolist() == [0]
+
+
 def test_caption_folder_errors(tmp_path, captions):
     preprocess = Preprocess(16)
     odd = tmp_path / "odd"
