@@ -289,7 +289,8 @@ class PixelFlowModel(nn.Module):
             gh, gw = height // p, width // p
             layout, rope = None, self.rope_table(gh, gw, x.device)
             tokens = self.patch_embed(self.patchify(x))
-            # As the release: the grid-side embedding uses the token-grid width.
+            # As the release (its pipeline passes latents.shape[-1] // patch_size): the grid-side embedding takes
+            # the token-grid width. SPEC's "H/p" is the same number for the square images the release samples.
             grid_side = torch.full((1,), gw, device=x.device)
         else:
             b = len(grid_sizes)
