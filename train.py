@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from pixelflow.config import load_config
-from pixelflow.training import TrainOptions, train
+from pixelflow.training import TrainingStopped, TrainOptions, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +41,9 @@ def main(argv=None) -> None:
         train(config, options)
     except ValueError as e:
         sys.exit(f"train.py: error: {e}")
+    except TrainingStopped as e:  # diverged, interrupted or out of disk: the reason and what to do, no traceback
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

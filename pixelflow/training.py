@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -36,6 +37,16 @@ from .config import to_yaml, validate_train_config
 from .data import ResumableShardSampler, build_dataset, gather_examples, image_grid
 
 log = logging.getLogger("pixelflow.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (a divergence, a signal, a checkpoint that could not be written); its message
+    says why and what to do. train.py prints it without a traceback; exit_code is the process's."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
 TRAINING_STATE = "training_state.pt"
 KILL_HOOK = "PIXELFLOW_TEST_KILL_IN_CHECKPOINT"  # tests: SIGKILL this process half-way through writing step N
 # How long a collective waits for the slowest process: at a checkpoint the others wait while rank 0 writes
@@ -118,6 +129,44 @@ def setup_logging(output_dir: Path, is_main: bool) -> None:
         log.addHandler(handler)
 
 
+class StopSignals:
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the end of the
+    current step and stop; a second one acts as usual (stops at once). Handlers are installed only in the main
+    thread, and restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = 0
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal: the usual action
+        log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
+
+    def agreed(self, dist_ctx) -> int:
+        """The signal any process received (0: none); every process gets the same answer (one tiny collective
+        per step when distributed)."""
+        if not dist_ctx.initialized:
+            return self.received
+        flag = torch.tensor(self.received, dtype=torch.long, device=dist_ctx.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag)
+
+
 class Reporter:
     """metrics.jsonl on rank 0, plus tensorboard or wandb when --report-to asks."""
 
@@ -131,19 +180,25 @@ class Reporter:
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+            # A resumed run redoes the steps after its checkpoint: drop their old events.
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
         elif report_to == "wandb":
             import wandb
-            self.wandb = wandb.init(dir=str(output_dir), config=OmegaConf.to_container(config, resolve=True))
+            id_file = output_dir / "wandb_run_id"  # a resumed run continues its wandb run, not a new one
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            atomic_write(id_file, lambda tmp: Path(tmp).write_text(run_id + "\n"))
+            self.wandb = wandb.init(dir=str(output_dir), id=run_id, resume="allow",
+                                    config=OmegaConf.to_container(config, resolve=True))
 
     def __call__(self, metrics: dict) -> None:
         if not self.is_main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+        with open(self.path, "a") as f:  # strict JSON: a non-finite number is null
+            f.write(json.dumps(metrics, allow_nan=False) + "\n")
         if self.writer is not None:
             for k, v in metrics.items():
-                if k != "step":
+                if k != "step" and v is not None:
                     self.writer.add_scalar(f"train/{k}", v, metrics["step"])
         if self.wandb is not None:
             self.wandb.log(metrics, step=metrics["step"])
@@ -187,6 +242,26 @@ def save_checkpoint(output_dir: Path, config: DictConfig, model: torch.nn.Module
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        _write_checkpoint(tmp, config, model, ema, optimizer, progress, rng_states)
+    except BaseException:  # a full disk, say: no half folder left behind (the earlier checkpoints are intact)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():  # the same step written again (a resumed run that died right after saving)
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)  # until the new folder is in place, the old one stays complete on disk
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, config: DictConfig, model: torch.nn.Module, ema: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer, progress: Progress, rng_states: list) -> None:
     atomic_write(tmp / "config.yaml", lambda p: Path(p).write_text(to_yaml(config)))
     atomic_save({k: v.detach().float().cpu() for k, v in ema.state_dict().items()}, tmp / "model.pt")
     if os.environ.get(KILL_HOOK) == str(progress.step):
@@ -203,17 +278,6 @@ def save_checkpoint(output_dir: Path, config: DictConfig, model: torch.nn.Module
         "rng": rng_states,
     }, tmp / TRAINING_STATE)
     _fsync_dir(tmp)
-    old = None
-    if final.exists():  # the same step written again (a resumed run that died right after saving)
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)  # until the new folder is in place, the old one stays complete on disk
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _fsync_dir(path: Path) -> None:
@@ -298,6 +362,9 @@ class Trainer:
 
     def _setup(self, config: DictConfig, options: TrainOptions) -> None:
         self.device = self.dist.device
+        # The first step whose loss or gradient norm was not finite (-1: none), kept on the device: no host sync
+        # per step. Checked before every log row and every checkpoint, so no diverged weights are ever saved.
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         make_folder(self.output_dir, "--output-dir")
         setup_logging(self.output_dir, self.dist.is_main)
         if self.dist.is_main:  # a run killed while saving leaves a temporary folder behind
@@ -484,6 +551,21 @@ class Trainer:
         if self.dist.is_main and opts.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=self.total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True)
+        try:
+            with StopSignals() as signals:
+                last_saved = self._fit(reporter, bar, signals)
+        finally:
+            if bar is not None:
+                bar.close()
+            reporter.close()
+        self._log(f"done: {p.step} steps; {self.total_skipped()} unreadable images skipped; "
+                  f"checkpoints in {self.output_dir / 'checkpoints'}")
+        self.check_replicas()
+        distributed.barrier(self.dist)
+        return last_saved
+
+    def _fit(self, reporter: "Reporter", bar, signals: "StopSignals") -> Path | None:
+        p, opts = self.progress, self.options
         last_saved = None
         loss_sum = torch.zeros((), device=self.device)
         window_steps, window_images, window_start = 0, 0, time.time()
@@ -492,6 +574,8 @@ class Trainer:
             self.sampler.set_epoch(p.epoch, p.position)
             for batch in self._loader():
                 loss, grad_norm = self.train_step(self._readable(batch), p.step)
+                bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self._first_bad < 0)
+                self._first_bad = torch.where(bad, torch.full_like(self._first_bad, p.step + 1), self._first_bad)
                 p.step += 1
                 p.position += 1
                 loss_sum += loss
@@ -500,6 +584,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if p.step % opts.logging_steps == 0 or p.step == self.total_steps:
+                    self._check_finite()
                     skipped = self.total_skipped()
                     if self.dist.initialized:
                         torch.distributed.all_reduce(loss_sum)
@@ -513,23 +598,34 @@ class Trainer:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
                     loss_sum.zero_()
                     window_steps, window_images, window_start = 0, 0, time.time()
-                if p.step % opts.checkpoint_steps == 0 or p.step == self.total_steps:
+                stop = signals.agreed(self.dist)  # SIGTERM/SIGINT on any process: save here, then stop
+                if stop or p.step % opts.checkpoint_steps == 0 or p.step == self.total_steps:
                     last_saved = self.checkpoint()
                 elif self.config.train.preview_steps and p.step % int(self.config.train.preview_steps) == 0:
-                    self.preview()
+                    self._safe_preview()
+                if stop:
+                    name = signal.Signals(stop).name
+                    raise TrainingStopped(f"stopped by {name} at step {p.step}, checkpoint {last_saved or 'written'}: "
+                                          f"continue with --resume", exit_code=128 + int(stop))
                 if p.step >= self.total_steps:
                     break
             else:
                 p.epoch += 1
                 p.position = 0
-        if bar is not None:
-            bar.close()
-        reporter.close()
-        self._log(f"done: {p.step} steps; {self.total_skipped()} unreadable images skipped; "
-                  f"checkpoints in {self.output_dir / 'checkpoints'}")
-        self.check_replicas()
-        distributed.barrier(self.dist)
         return last_saved
+
+    def _check_finite(self) -> None:
+        """Stop, on every process, once a loss or gradient norm was not finite (the weights are then NaN)."""
+        first_bad = self._first_bad.clone()
+        if self.dist.initialized:
+            torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MAX)
+        if int(first_bad) >= 0:
+            newest = list_checkpoints(self.output_dir)
+            raise TrainingStopped(
+                f"training diverged: the loss or gradient norm was not finite at step {int(first_bad)} (on at least "
+                f"one process); no checkpoint was written after it. The newest checkpoint is "
+                f"{str(newest[-1]) if newest else 'none'}: resume from it with --resume and a lower train.lr, or "
+                f"check the data")
 
     @torch.no_grad()
     def check_replicas(self) -> None:
@@ -552,16 +648,36 @@ class Trainer:
         if self.dist.initialized:
             states = [None] * self.dist.world_size
             torch.distributed.all_gather_object(states, rng_state())
-        path = None
+        path, error = None, None
+        self._check_finite()
         skipped = self.total_skipped()
         if self.dist.is_main:
             progress = dataclasses.replace(self.progress, skipped_images=skipped)
-            path = save_checkpoint(self.output_dir, self.config, self.model, self.ema, self.optimizer, progress,
-                                   states, int(self.config.train.keep_checkpoints))
+            try:
+                path = save_checkpoint(self.output_dir, self.config, self.model, self.ema, self.optimizer,
+                                       progress, states, int(self.config.train.keep_checkpoints))
+            except Exception as e:  # noqa: BLE001 - said plainly, on every process
+                free = shutil.disk_usage(self.output_dir).free / 2**30
+                error = TrainingStopped(f"writing checkpoint step {progress.step} in "
+                                        f"{str(self.output_dir / 'checkpoints')!r} failed ({type(e).__name__}: {e}); "
+                                        f"{free:.1f} GiB free there. The earlier checkpoints are intact: free "
+                                        f"space and continue with --resume")
+        distributed.agree(self.dist, error, "writing the checkpoint", TrainingStopped)
+        if path is not None:
             self._log(f"saved checkpoint {path}")
-            self.preview()
+            self._safe_preview()
         distributed.barrier(self.dist)
         return path
+
+    def _safe_preview(self) -> None:
+        """The preview grid is a convenience: a failure there is a warning, never the end of a long run."""
+        try:
+            self.preview()
+        except Exception as e:  # noqa: BLE001
+            log.warning(f"preview grid at step {self.progress.step} failed ({type(e).__name__}: {e}); training "
+                        "goes on")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def preview(self) -> Path | None:

@@ -19,7 +19,8 @@ from pixelflow.checkpoint import load_pretrained
 from pixelflow.config import load_config, validate_train_config
 from pixelflow.model import PixelFlowModel
 from pixelflow.scheduler import PixelFlowScheduler
-from pixelflow.training import KILL_HOOK, TRAINING_STATE, TrainOptions, Trainer, update_ema
+from pixelflow.training import (KILL_HOOK, TRAINING_STATE, TrainingStopped, TrainOptions, Trainer,
+                                update_ema)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -160,6 +161,83 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert "weights identical across 2 ranks" in proc.stderr
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "0000003" / TRAINING_STATE, weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+# ---------------------------------------------------------------------------- failures during a run
+def _poison_step(monkeypatch, step: int, action):
+    """Run `action(batch)` on the batch of optimizer step `step` (1-based)."""
+    original = Trainer.train_step
+
+    def train_step(self, batch, index):
+        if index + 1 == step:
+            action(batch)
+        return original(self, batch, index)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_a_diverged_run_stops_and_keeps_its_good_checkpoints(tmp_path, monkeypatch):
+    _poison_step(monkeypatch, 3, lambda batch: batch["images"].view(-1)[0].fill_(float("nan")))
+    trainer = Trainer(tiny_config("train.max_steps=8", "train.keep_checkpoints=1"),
+                      TrainOptions(str(tmp_path), checkpoint_steps=2, logging_steps=100, progress=False))
+    with pytest.raises(TrainingStopped, match="not finite at step 3.*newest checkpoint is .*0000002"):
+        trainer.fit()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["0000002"]  # not rotated away
+    state = torch.load(tmp_path / "checkpoints" / "0000002" / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_metrics_rows_are_strict_json(tmp_path):
+    from pixelflow.training import Reporter
+    reporter = Reporter(tmp_path, None, tiny_config(), True, 0)
+    reporter({"step": 1, "loss": float("nan"), "grad_norm": float("inf")})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None, "grad_norm": None}
+
+
+def test_sigterm_saves_a_checkpoint_after_the_step_and_stops(tmp_path, monkeypatch):
+    _poison_step(monkeypatch, 3, lambda batch: os.kill(os.getpid(), signal.SIGTERM))
+    trainer = Trainer(tiny_config("train.max_steps=8"), TrainOptions(str(tmp_path), checkpoint_steps=100,
+                                                                       progress=False))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at step 3") as stopped:
+        trainer.fit()
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the run's only
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["0000003"]
+    monkeypatch.undo()
+    resumed = Trainer(tiny_config("train.max_steps=8"), TrainOptions(str(tmp_path), resume=True, progress=False))
+    assert resumed.progress.step == 3
+    resumed.fit()
+    assert resumed.progress.step == 8
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_cleanly(tmp_path, monkeypatch):
+    import errno
+
+    from pixelflow import training
+    original = training._write_checkpoint
+
+    def write(tmp, config, model, ema, optimizer, progress, rng_states):
+        if progress.step == 4:
+            (tmp / "model.pt").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(tmp, config, model, ema, optimizer, progress, rng_states)
+
+    monkeypatch.setattr(training, "_write_checkpoint", write)
+    trainer = Trainer(tiny_config("train.max_steps=6"), TrainOptions(str(tmp_path), checkpoint_steps=2,
+                                                                       progress=False))
+    with pytest.raises(TrainingStopped, match="writing checkpoint step 4 .*No space left on device.*GiB free"):
+        trainer.fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000002"]  # no half folder
+
+
+def test_a_failed_preview_does_not_stop_training(tmp_path, caplog):
+    (tmp_path / "samples").write_text("a file where the preview folder goes")
+    trainer = Trainer(tiny_config("train.max_steps=4"), TrainOptions(str(tmp_path), checkpoint_steps=2,
+                                                                       progress=False))
+    trainer.fit()
+    assert trainer.progress.step == 4 and (tmp_path / "checkpoints" / "0000004").is_dir()
+    assert "preview grid at step 2 failed" in (tmp_path / "log.txt").read_text()
 
 
 # ---------------------------------------------------------------------------- data
