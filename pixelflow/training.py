@@ -131,8 +131,9 @@ def setup_logging(output_dir: Path, is_main: bool) -> None:
 
 class StopSignals:
     """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the end of the
-    current step and stop; a second one acts as usual (stops at once). Handlers are installed only in the main
-    thread, and restored on exit."""
+    current step and stop. A second Ctrl-C acts as usual (stops at once); a second SIGTERM is ignored, since a
+    scheduler and torchrun both send one (and escalate to SIGKILL after their grace period anyway). Handlers
+    are installed only in the main thread, and restored on exit; DataLoader workers ignore both signals."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -153,8 +154,11 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if self.received:
+            return  # a repeated SIGTERM (SIGINT's handler is the usual one again by now)
         self.received = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal: the usual action
+        if signum == signal.SIGINT:  # a second Ctrl-C: the usual action
+            signal.signal(signum, self._previous.get(signum, signal.default_int_handler))
         log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
 
     def agreed(self, dist_ctx) -> int:
@@ -165,6 +169,13 @@ class StopSignals:
         flag = torch.tensor(self.received, dtype=torch.long, device=dist_ctx.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT: torchrun signals each worker's whole process group, and a
+    loader worker that died of it would end the run before the checkpoint it is stopping for is written."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Reporter:
@@ -363,7 +374,7 @@ class Trainer:
     def _setup(self, config: DictConfig, options: TrainOptions) -> None:
         self.device = self.dist.device
         # The first step whose loss or gradient norm was not finite (-1: none), kept on the device: no host sync
-        # per step. Checked before every log row and every checkpoint, so no diverged weights are ever saved.
+        # of its own. Checked before every log row and every checkpoint, so no diverged weights are ever saved.
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         make_folder(self.output_dir, "--output-dir")
         setup_logging(self.output_dir, self.dist.is_main)
@@ -528,6 +539,7 @@ class Trainer:
         workers = int(self.config.data.num_workers)
         return DataLoader(self.dataset, batch_size=int(self.config.data.batch_size), sampler=self.sampler,
                           num_workers=workers, collate_fn=gather_examples, drop_last=True,
+                          worker_init_fn=ignore_stop_signals if workers > 0 else None,
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
                           prefetch_factor=4 if workers > 0 else None)
 

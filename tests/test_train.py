@@ -211,6 +211,28 @@ def test_sigterm_saves_a_checkpoint_after_the_step_and_stops(tmp_path, monkeypat
     assert resumed.progress.step == 8
 
 
+def test_sigterm_to_the_whole_process_group_twice_still_saves(tmp_path):
+    """As torchrun and a scheduler do: every process of the group (DataLoader workers included) gets SIGTERM,
+    and more than once. The workers must not die of it, and the run must not die of the second one."""
+    import time
+    cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "tiny_c2i.yaml"), "--output-dir", "run",
+           "--no-progress", "--logging-steps", "1", "--checkpoint-steps", "100000", *TINY, "data.num_workers=1",
+           "train.max_steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM at step" in err and "Traceback" not in err
+    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 1
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_cleanly(tmp_path, monkeypatch):
     import errno
 
