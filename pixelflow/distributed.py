@@ -117,6 +117,24 @@ def all_reduce_sum(ctx: DistributedContext, value: int) -> int:
     return int(tensor.item())
 
 
+def host_group(ctx: DistributedContext, timeout: datetime.timedelta | None = None):
+    """A group for small agreements on host-side state (a flag set by a signal handler) that must not wait for
+    the GPU: NCCL's collectives on a CUDA tensor end in a device sync. A gloo group beside NCCL; the default
+    group (None) when that is gloo already, or with one process. Every process must call this at one point."""
+    if not ctx.initialized or dist.get_backend() != "nccl":
+        return None
+    return dist.new_group(backend="gloo", **({"timeout": timeout} if timeout is not None else {}))
+
+
+def host_max(ctx: DistributedContext, value: int, group=None) -> int:
+    """The largest `value` over all processes, through `group` from host_group (no device sync)."""
+    if not ctx.initialized:
+        return int(value)
+    tensor = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return int(tensor.item())
+
+
 def agree(ctx: DistributedContext, error: BaseException | None, what: str,
           kind: type[Exception] = ValueError) -> None:
     """Every process says whether `what` failed for it; if any did, every process raises (its own error, or a

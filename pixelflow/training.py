@@ -161,21 +161,19 @@ class StopSignals:
             signal.signal(signum, self._previous.get(signum, signal.default_int_handler))
         log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
 
-    def agreed(self, dist_ctx) -> int:
-        """The signal any process received (0: none); every process gets the same answer (one tiny collective
-        per step when distributed)."""
-        if not dist_ctx.initialized:
-            return self.received
-        flag = torch.tensor(self.received, dtype=torch.long, device=dist_ctx.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag)
+    def agreed(self, dist_ctx, group=None) -> int:
+        """The signal any process received (0: none); every process gets the same answer. Distributed: one
+        tiny host-side collective per step (group: distributed.host_group, so no GPU sync)."""
+        return distributed.host_max(dist_ctx, self.received, group)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM and SIGINT: torchrun signals each worker's whole process group, and a
-    loader worker that died of it would end the run before the checkpoint it is stopping for is written."""
+    loader worker that died of it would end the run before the checkpoint it is stopping for is written. They
+    start with both blocked (see Trainer._batches), so one that arrives before this runs is dropped here."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, StopSignals.SIGNALS)
 
 
 class Reporter:
@@ -330,6 +328,7 @@ class Trainer:
         # Join the process group first: then a check that fails in one process (a data.root or an output
         # folder one node lacks) stops every process at once, instead of the others waiting for it.
         self.dist = distributed.init_distributed(timeout=COLLECTIVE_TIMEOUT)
+        self.host_group = distributed.host_group(self.dist, COLLECTIVE_TIMEOUT)  # the per-step stop flag's
         error = None
         try:
             self._check(config, options)
@@ -543,6 +542,21 @@ class Trainer:
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
                           prefetch_factor=4 if workers > 0 else None)
 
+    def _batches(self):
+        """This epoch's batches. The loader's workers are forked with SIGTERM and SIGINT blocked: PyTorch gives
+        a new worker a handler that dies of SIGTERM before ignore_stop_signals runs, and a signal in between
+        would kill it (the main process gets the signal when the mask is restored)."""
+        loader = self._loader()
+        if loader.num_workers == 0:
+            yield from loader
+            return
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, StopSignals.SIGNALS)
+        try:
+            batches = iter(loader)  # forks the workers
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        yield from batches
+
     def _readable(self, batch: dict) -> dict:
         if batch["skipped"]:
             self.progress.skipped_images += len(batch["skipped"])
@@ -584,7 +598,7 @@ class Trainer:
         images_per_step = int(self.config.data.batch_size) * self.dist.world_size
         while p.step < self.total_steps:
             self.sampler.set_epoch(p.epoch, p.position)
-            for batch in self._loader():
+            for batch in self._batches():
                 loss, grad_norm = self.train_step(self._readable(batch), p.step)
                 bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self._first_bad < 0)
                 self._first_bad = torch.where(bad, torch.full_like(self._first_bad, p.step + 1), self._first_bad)
@@ -610,7 +624,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
                     loss_sum.zero_()
                     window_steps, window_images, window_start = 0, 0, time.time()
-                stop = signals.agreed(self.dist)  # SIGTERM/SIGINT on any process: save here, then stop
+                stop = signals.agreed(self.dist, self.host_group)  # SIGTERM/SIGINT on any process: save here, then stop
                 if stop or p.step % opts.checkpoint_steps == 0 or p.step == self.total_steps:
                     last_saved = self.checkpoint()
                 elif self.config.train.preview_steps and p.step % int(self.config.train.preview_steps) == 0:
