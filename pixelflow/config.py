@@ -77,6 +77,10 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ValueError(f"overrides must look like key=value (e.g. train.max_steps=200), got {bad}")
+    # OmegaConf reads `key=` as null, which would silently drop a setting such as the step cap.
+    empty = [o for o in overrides if not o.split("=", 1)[1].strip()]
+    if empty:
+        raise ValueError(f"overrides {empty} have no value: give one, or write key=null to unset the entry")
     return OmegaConf.from_dotlist(list(overrides))
 
 
@@ -107,8 +111,9 @@ def validate_train_config(config: DictConfig) -> None:
     for key in ("num_stages", "num_train_timesteps"):
         if not _is_int(scheduler[key]) or scheduler[key] < 1:
             raise ValueError(f"scheduler.{key}={scheduler[key]!r} must be an int >= 1")
-    if not isinstance(scheduler.pyramid_shift, bool):
-        raise ValueError(f"scheduler.pyramid_shift={scheduler.pyramid_shift!r} must be true or false")
+    if scheduler.pyramid_shift is not False:
+        raise ValueError(f"scheduler.pyramid_shift={scheduler.pyramid_shift!r}: only false (the released method) "
+                         "is supported")
     if not _is_int(config.seed) or config.seed < 0:
         raise ValueError(f"seed={config.seed!r} must be an int >= 0")
     model = build_model(config, meta=True)  # constructor checks model.params by name and value

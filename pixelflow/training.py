@@ -345,7 +345,11 @@ class Trainer:
             self._setup(config, options)
         except Exception as e:  # noqa: BLE001 - re-raised here, and reported to the other processes
             error = e
-        distributed.agree(self.dist, error, "setting up the run")
+        try:
+            distributed.agree(self.dist, error, "setting up the run")
+        except BaseException:
+            self._remove_new_output_dir()
+            raise
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.dist.initialized else self.model)
         train = config.train
@@ -364,6 +368,8 @@ class Trainer:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value!r}")
         self.output_dir = Path(options.output_dir)
         check_writable_folder(self.output_dir, "--output-dir")
+        # Every process looks before any makes it (the agree after this check is a barrier).
+        self._new_output_dir = not self.output_dir.exists()
         self.resume_from = self._find_resume()
         if options.pretrained_model is not None:
             self._pretrained_path = Path(options.pretrained_model)
@@ -410,6 +416,15 @@ class Trainer:
             load_weights(self.ema, state, source=options.pretrained_model, model_from=built_from)
 
     # -- setup helpers
+    def _remove_new_output_dir(self) -> None:
+        """A run whose setup failed (a bad data.root, text encoder or --pretrained-model) leaves no folder
+        behind if it made one: only an empty log and cache folder could be in it."""
+        for handler in list(log.handlers):
+            handler.close()
+            log.removeHandler(handler)
+        if self.dist.is_main and getattr(self, "_new_output_dir", False):
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+
     def _check_classes(self, config: DictConfig) -> None:
         """A class folder too many would train as the guidance null label (label num_classes); one more
         stops the run at the first batch that holds it. data.root=imagenet/ (not imagenet/train) is the

@@ -94,3 +94,18 @@ def test_block_noise_rejects_bad_shapes_and_generator_counts(scheduler):
     generators = [torch.Generator().manual_seed(s) for s in range(2)]
     with pytest.raises(ValueError, match=r"2 generators.*3"):
         scheduler.sample_block_noise(3, 3, 8, 8, generator=generators)
+
+
+def test_set_timesteps_checks_its_arguments_and_takes_numpy_integers(scheduler):
+    import numpy as np
+    scheduler.set_timesteps(5, 1, shift=2.0)
+    expected = scheduler.timesteps.clone(), scheduler.t.clone()
+    scheduler.set_timesteps(np.int64(5), np.int64(1), shift=np.float64(2.0))
+    assert torch.equal(scheduler.timesteps, expected[0]) and torch.equal(scheduler.t, expected[1])
+    for shift in (float("inf"), float("nan"), 0.0, -1.0, True, "2"):
+        with pytest.raises(ValueError, match="shift must be a finite number > 0"):
+            scheduler.set_timesteps(5, 1, shift=shift)
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got True"):
+        scheduler.set_timesteps(True, 0)
+    with pytest.raises(ValueError, match="stage must be an int"):
+        scheduler.set_timesteps(5, True)

@@ -344,6 +344,7 @@ def test_synthetic_classes_differ_in_colour():
     (["data.synthetic_size=abc"], "data.synthetic_size='abc' must be an int >= 1"),
     (["data.synthetic_classes=0"], "data.synthetic_classes=0 must be an int >= 1"),
     (["train.max_steps=true"], "train.max_steps=True must be a positive int"),
+    (["scheduler.pyramid_shift=true"], "scheduler.pyramid_shift=True: only false"),
 ])
 def test_bad_config_is_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -357,6 +358,25 @@ def test_unknown_config_key_and_empty_root(tmp_path):
     config = tiny_config("data.name=imagefolder", f"data.root={tmp_path / 'empty'}")
     with pytest.raises(ValueError, match="holds no images"):
         Trainer(config, TrainOptions(str(tmp_path / "run"), progress=False))
+    assert not (tmp_path / "run").exists()  # the failed setup's folder is gone, not left with an empty log
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        Trainer(config, TrainOptions(str(tmp_path / "kept"), progress=False))
+    assert (tmp_path / "kept").is_dir()  # a folder that was there before is never removed
+
+
+def test_an_override_without_a_value_is_refused():
+    """OmegaConf reads `key=` as null: the step cap would vanish and the run would train for epochs."""
+    with pytest.raises(ValueError, match=r"\['train.max_steps='\] have no value.*key=null"):
+        tiny_config("train.max_steps=")
+    assert tiny_config("train.max_steps=null").train.max_steps is None
+
+
+def test_an_unloadable_text_encoder_is_named(tmp_path):
+    from pixelflow.text import load_text_encoder
+    missing = str(tmp_path / "no_t5")
+    with pytest.raises(ValueError, match=f"text encoder '{missing}' could not be loaded"):
+        load_text_encoder(missing)
 
 
 def test_an_empty_config_section_keeps_the_defaults(tmp_path):

@@ -7,12 +7,18 @@ model time T in [0, num_train_timesteps). See SPEC sections 1, 2, 4 and 5.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 BLOCK_NOISE_JITTER = 1e-6  # added to the block covariance's diagonal, as the release does
+
+
+def _is_integer(value) -> bool:
+    """An int or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class PixelFlowScheduler:
@@ -116,11 +122,12 @@ class PixelFlowScheduler:
     # ---------------------------------------------------------------- inference grid
     def set_timesteps(self, num_inference_steps: int, stage: int, device=None, shift: float = 1.0) -> None:
         """Set `timesteps` (n,) model times and `t` (n+1,) the Euler grid of `stage`."""
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not _is_integer(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-        if not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < shift < math.inf:
+            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
         self._check_stage(stage)
+        num_inference_steps, stage, shift = int(num_inference_steps), int(stage), float(shift)
         N = self.num_train_timesteps
         last = (N - 1) / N
         tau = torch.linspace(0, last, num_inference_steps, dtype=torch.float64)
@@ -139,7 +146,7 @@ class PixelFlowScheduler:
         return lo + s * (hi - lo)
 
     def _check_stage(self, stage: int) -> None:
-        if not isinstance(stage, int) or not 0 <= stage < self.num_stages:
+        if not _is_integer(stage) or not 0 <= stage < self.num_stages:
             raise ValueError(f"stage must be an int in [0, {self.num_stages}), got {stage!r}")
 
     # ---------------------------------------------------------------- training targets
