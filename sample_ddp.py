@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint folder (config.yaml + model.pt), or a training output folder (its newest "
                              "checkpoint is used)")
     parser.add_argument("--sample-dir", default=None,
-                        help="folder for the PNGs; the .npz goes beside it as <folder>.npz (default: "
-                             "samples/<checkpoint>-cfg<cfg>-steps<steps>-seed<seed>)")
+                        help="folder for the PNGs; the .npz goes beside it as <folder>.npz (default: samples/"
+                             "<checkpoint>-cfg<cfg>[const]-<steps<n> | steps<n_n_n_n> | dopri5>[-shift<s>]"
+                             "[-<prompts file>]-seed<seed>, where a training checkpoint is <run>-<step>)")
     parser.add_argument("--cfg", type=float, default=2.4,
                         help="guidance scale g >= 0 (class-to-image ramps it over the stages; 0 = none; default: %(default)s)")
     parser.add_argument("--guidance-schedule", choices=["ramp", "constant"], default="ramp",

@@ -73,6 +73,10 @@ class Progress:
     position: int = 0      # batches done in the current epoch
     skipped_images: int = 0
     history: list = field(default_factory=list)
+    # The log window open at a checkpoint (loss summed over its steps, the mean over processes): a resumed
+    # run's first log row then averages the same steps as the uninterrupted run's.
+    window_loss: float = 0.0
+    window_steps: int = 0
 
 
 # ---------------------------------------------------------------------------- small pieces
@@ -282,6 +286,8 @@ def _write_checkpoint(tmp: Path, config: DictConfig, model: torch.nn.Module, ema
         "epoch": progress.epoch,
         "position": progress.position,
         "skipped_images": progress.skipped_images,
+        "window_loss": progress.window_loss,
+        "window_steps": progress.window_steps,
         "world_size": len(rng_states),
         "batch_size": int(config.data.batch_size),
         "rng": rng_states,
@@ -482,7 +488,9 @@ class Trainer:
                       "those of an uninterrupted run")
         # skipped_images counts every process's skips; rank 0 carries the total on, the others add their own
         self.progress = Progress(step=state["step"], epoch=state["epoch"], position=position,
-                                 skipped_images=state["skipped_images"] if self.dist.is_main else 0)
+                                 skipped_images=state["skipped_images"] if self.dist.is_main else 0,
+                                 window_loss=float(state.get("window_loss", 0.0)),
+                                 window_steps=int(state.get("window_steps", 0)))
         if state["world_size"] == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
         self._log(f"resumed from {folder} at step {state['step']} (epoch {state['epoch']}, batch {state['position']})")
@@ -608,8 +616,9 @@ class Trainer:
     def _fit(self, reporter: "Reporter", bar, signals: "StopSignals") -> Path | None:
         p, opts = self.progress, self.options
         last_saved = None
-        loss_sum = torch.zeros((), device=self.device)
-        window_steps, window_images, window_start = 0, 0, time.time()
+        # Every process starts from the saved window's mean; the all_reduce mean at the next log row keeps it.
+        loss_sum = torch.full((), p.window_loss, device=self.device)
+        window_steps, window_images, window_start = p.window_steps, 0, time.time()
         images_per_step = int(self.config.data.batch_size) * self.dist.world_size
         while p.step < self.total_steps:
             self.sampler.set_epoch(p.epoch, p.position)
@@ -641,7 +650,7 @@ class Trainer:
                     window_steps, window_images, window_start = 0, 0, time.time()
                 stop = signals.agreed(self.dist, self.host_group)  # SIGTERM/SIGINT on any process: save here, then stop
                 if stop or p.step % opts.checkpoint_steps == 0 or p.step == self.total_steps:
-                    last_saved = self.checkpoint()
+                    last_saved = self.checkpoint(loss_sum, window_steps)
                 elif self.config.train.preview_steps and p.step % int(self.config.train.preview_steps) == 0:
                     self._safe_preview()
                 if stop:
@@ -684,11 +693,17 @@ class Trainer:
             raise RuntimeError(f"model weights differ across ranks: checksums {sums}")
         self._log(f"weights identical across {self.dist.world_size} ranks (checksum {sums[0][1]:.10e})")
 
-    def checkpoint(self) -> Path | None:
+    def checkpoint(self, window_loss: torch.Tensor | None = None, window_steps: int = 0) -> Path | None:
         states = [rng_state()]
         if self.dist.initialized:
             states = [None] * self.dist.world_size
             torch.distributed.all_gather_object(states, rng_state())
+        if window_loss is not None:  # the open log window, as its mean over processes
+            window_loss = window_loss.detach().clone()
+            if self.dist.initialized:
+                torch.distributed.all_reduce(window_loss)
+                window_loss /= self.dist.world_size
+            self.progress.window_loss, self.progress.window_steps = float(window_loss), window_steps
         path, error = None, None
         self._check_finite()
         skipped = self.total_skipped()

@@ -211,6 +211,28 @@ def test_sigterm_saves_a_checkpoint_after_the_step_and_stops(tmp_path, monkeypat
     assert resumed.progress.step == 8
 
 
+def test_a_run_resumed_mid_log_window_logs_the_same_losses(tmp_path, monkeypatch):
+    """The log window open at the checkpoint is saved, so the first row after --resume averages the same steps."""
+    def rows(folder):
+        lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["loss"] for row in lines}
+
+    config, straight, split = tiny_config("train.max_steps=8"), tmp_path / "straight", tmp_path / "split"
+    Trainer(config, TrainOptions(str(straight), logging_steps=5, checkpoint_steps=100, progress=False)).fit()
+    _poison_step(monkeypatch, 3, lambda batch: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(TrainingStopped):
+        Trainer(config, TrainOptions(str(split), logging_steps=5, checkpoint_steps=100, progress=False)).fit()
+    monkeypatch.undo()
+    state = torch.load(split / "checkpoints" / "0000003" / TRAINING_STATE, weights_only=True)
+    assert state["window_steps"] == 3 and state["window_loss"] > 0
+    Trainer(config, TrainOptions(str(split), resume=True, logging_steps=5, checkpoint_steps=100,
+                                 progress=False)).fit()
+    expected, got = rows(straight), rows(split)
+    assert sorted(got) == sorted(expected) == [5, 8]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
 def test_sigterm_to_the_whole_process_group_twice_still_saves(tmp_path):
     """As torchrun and a scheduler do: every process of the group (DataLoader workers included) gets SIGTERM,
     and more than once. The workers must not die of it, and the run must not die of the second one."""
