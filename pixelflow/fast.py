@@ -650,6 +650,7 @@ class FastDenoiser:
         """Per parameter: which tensor, in which dtype, on which device, at which version."""
         return [(p.data_ptr(), p.dtype, p.device, p._version) for p in self.model.parameters()]
 
+    @torch.inference_mode(False)  # copies made in a first call under inference_mode must stay writable later
     def _check_weights(self) -> None:
         state = self._param_state()
         if self._weights is not None and state == self._state:
@@ -731,7 +732,7 @@ class FastDenoiser:
         if x.ndim != 4 or x.shape[1] != m.in_channels or x.shape[2] % m.patch_size or x.shape[3] % m.patch_size:
             raise ValueError(f"expected hidden_states (B, {m.in_channels}, H, W) with H and W multiples of "
                              f"patch_size {m.patch_size}, got {tuple(x.shape)}")
-        m.check_text_inputs(encoder_hidden_states)
+        m.check_text_inputs(encoder_hidden_states, encoder_attention_mask)
         self._check_weights()
         b = x.shape[0]
         timestep = torch.as_tensor(timestep, device=x.device)
@@ -839,7 +840,8 @@ class FastDenoiser:
         return static_out.clone()
 
     def _capture(self, inputs: tuple):
-        static = tuple(None if t is None else t.clone() for t in inputs)
+        with torch.inference_mode(False):  # the static inputs are written at every replay, in any mode
+            static = tuple(None if t is None else t.clone() for t in inputs)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: compiles, autotunes, fills caches (RoPE tables) outside the graph

@@ -71,6 +71,18 @@ class PixelFlowPipeline:
         self.config = config
         self.denoiser = model  # what the sampling loop calls; pixelflow.fast may swap in a compiled copy
 
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @model.setter
+    def model(self, model: torch.nn.Module) -> None:
+        # pipe.model = other: sampling uses it (a plain denoiser follows; a fast one is rebuilt for it).
+        old = self.__dict__.get("_model")
+        self._model = model
+        if old is not None and self.__dict__.get("denoiser") is old:
+            self.denoiser = model
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu", text_encoder=None,
@@ -161,6 +173,12 @@ class PixelFlowPipeline:
         height = self.resolution if height is None else height
         width = self.resolution if width is None else width
         self._check_call(height, width, guidance_scale, solver, output_type, shift)
+        if solver == "dopri5":
+            for name, value in (("atol", atol), ("rtol", rtol)):
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                        or not 0 < value < math.inf:
+                    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        self._check_weight_dtype()
         height, width = int(height), int(width)
         steps = self._check_steps(num_inference_steps)
         conditions, batch = self._conditions(class_labels, prompt, negative_prompt, num_images_per_prompt)
@@ -184,6 +202,8 @@ class PixelFlowPipeline:
             if tuple(latents.shape) != (batch, 3, h0, w0):
                 raise ValueError(f"latents must be {(batch, 3, h0, w0)} for {height}x{width}, got {tuple(latents.shape)}")
             z = latents.to(device=device, dtype=torch.float32)
+            if not torch.isfinite(z).all():
+                raise ValueError("latents hold NaN or infinite values")
         if stage_noise is not None:
             self._check_stage_noise(stage_noise, batch, h0, w0)
 
@@ -293,13 +313,19 @@ class PixelFlowPipeline:
         if self.class_conditional:
             if prompt is not None:
                 raise ValueError("this is a class-to-image model: pass class_labels, not prompt")
+            if negative_prompt is not None:
+                raise ValueError("this is a class-to-image model: negative_prompt would be ignored (guidance "
+                                 "uses the null label)")
             if class_labels is None:
                 raise ValueError("class_labels is required for a class-to-image model")
             try:
-                labels = torch.as_tensor(class_labels).reshape(-1)
+                labels = torch.as_tensor(class_labels)
             except (TypeError, ValueError, RuntimeError):
                 raise ValueError(f"class_labels must be integers (class indices), got {class_labels!r:.80}; "
                                  "pixelflow.imagenet_classes maps ImageNet names to indices") from None
+            if labels.ndim > 1:
+                raise ValueError(f"class_labels must be one label per image, (B,), got shape {tuple(labels.shape)}")
+            labels = labels.reshape(-1)
             if labels.numel() == 0:
                 raise ValueError("class_labels is empty")
             if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -371,6 +397,13 @@ class PixelFlowPipeline:
         if not (shift > 0 and math.isfinite(shift)):
             raise ValueError(f"shift must be a finite number > 0, got {shift}")
 
+    def _check_weight_dtype(self) -> None:
+        dtype = self.model.proj_out_2.weight.dtype
+        if dtype != torch.float32 and (self.autocast_dtype is None or self.autocast_dtype == torch.float32):
+            raise ValueError(f"the model's weights are {dtype}, but the pipeline runs the network in float32 "
+                             "(autocast_dtype None): keep the model in float32 (pipe.model.float()), or set "
+                             "pipe.autocast_dtype to torch.bfloat16 or torch.float16 for half weights")
+
     def _check_stage_noise(self, stage_noise, batch: int, h0: int, w0: int) -> None:
         """Every stage's block noise is checked before any sampling work."""
         S = self.scheduler.num_stages
@@ -385,6 +418,8 @@ class PixelFlowPipeline:
                     or tuple(given.shape[1:]) != expected[1:]:
                 got = tuple(given.shape) if torch.is_tensor(given) else type(given).__name__
                 raise ValueError(f"stage_noise[{k - 1}] (stage {k}) must be at least {expected}, got {got}")
+            if not torch.isfinite(given).all():
+                raise ValueError(f"stage_noise[{k - 1}] (stage {k}) holds NaN or infinite values")
 
     def _check_generators(self, generator, batch: int):
         if generator is None or isinstance(generator, torch.Generator):

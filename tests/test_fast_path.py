@@ -384,6 +384,22 @@ def test_weights_follow_in_place_updates(make_tiny_model):
     assert max_abs(before, after) > 1e-4
 
 
+def test_weights_copied_under_inference_mode_follow_later_updates(make_tiny_model):
+    """Copies made in a first call under torch.inference_mode are written again by a later call outside it."""
+    model = make_tiny_model().eval()
+    torch.nn.init.normal_(model.proj_out_2.weight, std=0.02)
+    den = denoiser(model, merge_qkv=True, merge_adaln=True)
+    x, t, labels = forward_inputs(batch=2, size=8)
+    labels = labels % model.num_classes
+    with torch.inference_mode():
+        den(x, t, class_labels=labels)
+    with torch.no_grad():
+        model.transformer_blocks[0].attn1.q_proj.weight.mul_(1.5)
+        after = den(x, t, class_labels=labels)
+        expected = model(x, t, class_labels=labels)
+    assert max_abs(after, expected) < EXACT_ATOL
+
+
 @pytest.mark.parametrize("change", ["assign", "dtype", "double"])
 def test_weights_follow_replaced_parameters_and_leave_the_callers_tensors(make_tiny_model, change):
     """load_state_dict(assign=True) or .to(dtype) replaces parameters without moving their version counters:

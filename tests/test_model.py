@@ -272,6 +272,8 @@ def test_packed_attention_uses_flash_attn_varlen_when_eligible(monkeypatch):
                  id="timestep-length"),
     pytest.param(dict(class_labels=torch.tensor([0, 1]), encoder_hidden_states=torch.zeros(2, 3, 8)),
                  r"class-conditional.*encoder_hidden_states", id="text-to-c2i"),
+    pytest.param(dict(class_labels=torch.tensor([0, 1]), encoder_attention_mask=torch.ones(2, 3)),
+                 r"class-conditional.*encoder_attention_mask", id="mask-to-c2i"),
 ])
 def test_forward_names_bad_conditions(make_tiny_model, kwargs, message):
     model = make_tiny_model(num_classes=4)
@@ -281,3 +283,15 @@ def test_forward_names_bad_conditions(make_tiny_model, kwargs, message):
         model(torch.zeros(2, 3, 8, 8), timestep, **kwargs)
     # The null label (num_classes) is the network's own and is accepted.
     model(torch.zeros(2, 3, 8, 8), torch.ones(2), class_labels=torch.tensor([0, 4]))
+
+
+def test_a_forward_under_inference_mode_leaves_training_possible(make_tiny_model):
+    """The RoPE table cached by an inference_mode forward is not reused where autograd must save it."""
+    model = make_tiny_model()
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    with torch.inference_mode():
+        expected = model(x, torch.full((2,), 5.0), class_labels=y)
+    out = model(x, torch.full((2,), 5.0), class_labels=y)
+    out.sum().backward()
+    assert torch.equal(out.detach(), expected)
+    assert model.transformer_blocks[0].attn1.q_proj.weight.grad is not None

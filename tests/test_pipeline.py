@@ -266,3 +266,60 @@ def test_a_given_text_encoder_samples_in_eval_mode_and_must_fit(tmp_path):
                                    num_layers=1, num_heads=2))
     with pytest.raises(ValueError, match="32-wide features .* cross_attention_dim is 24"):
         PixelFlowPipeline.from_pretrained(folder, text_encoder=wide, tokenizer=ByteTokenizer())
+
+
+# ---------------------------------------------------------------------------------------------- later checks
+def test_a_model_set_on_the_pipeline_is_the_one_sampled(c2i_pipe):
+    import copy
+    from pixelflow.pipeline import PixelFlowPipeline
+    pipe = PixelFlowPipeline(c2i_pipe.model, c2i_pipe.scheduler, resolution=SIZE)
+    other = copy.deepcopy(c2i_pipe.model)
+    with torch.no_grad():
+        for w in other.parameters():
+            w.mul_(1.1)
+    before = sample(pipe)
+    pipe.model = other
+    assert pipe.denoiser is other
+    expected = sample(PixelFlowPipeline(other, c2i_pipe.scheduler, resolution=SIZE))
+    assert torch.equal(sample(pipe), expected) and not torch.equal(before, expected)
+    custom = lambda *a, **k: other(*a, **k)  # noqa: E731 - a denoiser set by hand stays
+    pipe.denoiser = custom
+    pipe.model = c2i_pipe.model
+    assert pipe.denoiser is custom
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(negative_prompt="ugly"), "class-to-image model: negative_prompt would be ignored"),
+    (dict(class_labels=[[3, 7]]), r"one label per image, \(B,\), got shape \(1, 2\)"),
+    (dict(latents=torch.full((2, 3, 4, 4), float("nan"))), "latents hold NaN"),
+    (dict(solver="dopri5", atol=-1.0), "atol must be a finite number > 0, got -1.0"),
+    (dict(solver="dopri5", rtol=float("nan")), "rtol must be a finite number > 0, got nan"),
+    (dict(solver="dopri5", atol="x"), "atol must be a finite number > 0, got 'x'"),
+])
+def test_more_bad_inputs_are_named_before_any_work(c2i_pipe, kwargs, message):
+    calls = []
+    model = c2i_pipe.model
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=message):
+            sample(c2i_pipe, **kwargs)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_stage_noise_must_be_finite(c2i_pipe):
+    noise = [torch.randn(2, 3, 4 << k, 4 << k) for k in (1, 2, 3)]
+    noise[1][0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"stage_noise\[1\] \(stage 2\) holds NaN or infinite"):
+        sample(c2i_pipe, stage_noise=noise)
+
+
+def test_half_weights_without_autocast_are_refused(c2i_pipe):
+    import copy
+    from pixelflow.pipeline import PixelFlowPipeline
+    pipe = PixelFlowPipeline(copy.deepcopy(c2i_pipe.model).to(torch.bfloat16), c2i_pipe.scheduler, resolution=SIZE)
+    with pytest.raises(ValueError, match="weights are torch.bfloat16.*autocast_dtype"):
+        sample(pipe)
+    pipe.autocast_dtype = torch.bfloat16
+    assert sample(pipe).shape == (2, SIZE, SIZE, 3)

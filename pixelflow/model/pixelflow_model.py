@@ -182,10 +182,11 @@ class PixelFlowModel(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def rope_table(self, grid_h: int, grid_w: int | None = None, device: torch.device | None = None) -> torch.Tensor:
-        """(grid_h * grid_w, head_dim, 2) float32 RoPE table, cached per grid and device."""
+        """(grid_h * grid_w, head_dim, 2) float32 RoPE table, cached per grid and device, and apart for
+        inference_mode (a table made there could not be saved for a later backward)."""
         grid_w = grid_h if grid_w is None else grid_w
         device = torch.device(device) if device is not None else self.proj_out_2.weight.device
-        key = (grid_h, grid_w, device)
+        key = (grid_h, grid_w, device, torch.is_inference_mode_enabled())
         table = self._rope_cache.get(key)
         if table is None:
             table = rope_2d(grid_h, grid_w, self.attention_head_dim, device=device)
@@ -232,12 +233,16 @@ class PixelFlowModel(nn.Module):
                              "not class_labels")
         return c + self.latent_size_embedder(grid_side).to(dtype)
 
-    def check_text_inputs(self, encoder_hidden_states: torch.Tensor | None) -> None:
+    def check_text_inputs(self, encoder_hidden_states: torch.Tensor | None,
+                          encoder_attention_mask: torch.Tensor | None = None) -> None:
         if self.cross_attention_dim is not None and encoder_hidden_states is None:
             raise ValueError("this model is text-conditional: pass encoder_hidden_states (B, Lt, "
                              f"{self.cross_attention_dim})")
         if self.cross_attention_dim is None and encoder_hidden_states is not None:
             raise ValueError("this model is class-conditional (no cross-attention): encoder_hidden_states "
+                             "would be ignored; pass class_labels")
+        if self.cross_attention_dim is None and encoder_attention_mask is not None:
+            raise ValueError("this model is class-conditional (no cross-attention): encoder_attention_mask "
                              "would be ignored; pass class_labels")
 
     def _text_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -276,7 +281,7 @@ class PixelFlowModel(nn.Module):
         encoder_hidden_states: (B, Lt, cross_attention_dim); encoder_attention_mask: (B, Lt), 1 = keep.
         """
         x = hidden_states
-        self.check_text_inputs(encoder_hidden_states)
+        self.check_text_inputs(encoder_hidden_states, encoder_attention_mask)
         context_mask = self._text_mask(encoder_attention_mask, x.dtype if x.is_floating_point() else torch.float32)
 
         if grid_sizes is None:
