@@ -40,10 +40,17 @@ def main(argv=None) -> None:
                                progress=not args.no_progress)
         train(config, options)
     except ValueError as e:
-        sys.exit(f"train.py: error: {e}")
+        _say(f"train.py: error: {e}")
+        sys.exit(1)
     except TrainingStopped as e:  # diverged, interrupted or out of disk: the reason and what to do, no traceback
-        print(f"train.py: {e}", file=sys.stderr)
+        _say(f"train.py: {e}")
         sys.exit(e.exit_code)
+
+
+def _say(line: str) -> None:
+    """One write per line: the processes of a job share stderr, and separate writes interleave mid-line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

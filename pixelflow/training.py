@@ -353,8 +353,13 @@ class Trainer:
             error = e
         try:
             distributed.agree(self.dist, error, "setting up the run")
-        except BaseException:
+        except BaseException as e:
             self._remove_new_output_dir()
+            if e is error or isinstance(e, ValueError):  # agreed (the group works): the others wait for the
+                try:                                     # removal, as torchrun ends the job when one exits
+                    distributed.barrier(self.dist)
+                except Exception:  # noqa: BLE001 - the setup error is the one to report
+                    pass
             raise
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.dist.initialized else self.model)
@@ -493,7 +498,7 @@ class Trainer:
                                  window_steps=int(state.get("window_steps", 0)))
         if state["world_size"] == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
-        self._log(f"resumed from {folder} at step {state['step']} (epoch {state['epoch']}, batch {state['position']})")
+        self._log(f"resumed from {folder} at step {state['step']} (epoch {state['epoch']}, batch {position})")
 
     def _apply_optimizer_config(self) -> None:
         """After a resume, the optimizer runs with this config's lr, weight_decay and betas (its state, the

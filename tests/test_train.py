@@ -163,6 +163,32 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
 
 
+def test_leaving_the_process_group_leaves_no_gloo_threads(tmp_path):
+    """torch._dynamo loaded after the group is made (nn.init on the meta device loads it, as the config check
+    does) kept gloo's threads alive past destroy_process_group; a process exiting on an error then sometimes
+    aborted with SIGABRT. init_distributed loads it first."""
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from pixelflow import distributed\n"
+        "from pixelflow.config import load_config, validate_train_config\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "ctx = distributed.init_distributed()\n"
+        f"validate_train_config(load_config({str(ROOT / 'configs' / 'tiny_c2i.yaml')!r}))\n"
+        "t = torch.ones(1)\n"
+        "torch.distributed.all_reduce(t)\n"
+        "distributed.cleanup()\n"
+        "print('threads', before, len(os.listdir('/proc/self/task')), int(t.item()), flush=True)\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(free_port()), str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("threads")]
+    assert proc.returncode == 0 and len(rows) == 2, proc.stderr[-2000:]
+    for _, before, after, total in rows:
+        assert int(total) == 2 and int(after) == int(before), rows
+
+
 # ---------------------------------------------------------------------------- failures during a run
 def _poison_step(monkeypatch, step: int, action):
     """Run `action(batch)` on the batch of optimizer step `step` (1-based)."""
@@ -606,6 +632,16 @@ def test_a_process_that_rejects_the_config_stops_every_process(tmp_path):
     assert proc.returncode != 0
     assert "data.root='data' does not exist or is not a folder" in proc.stderr
     assert "checking the config and options failed on 1 other process(es)" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_setup_failure_under_torchrun_removes_the_new_folder_on_every_process(tmp_path):
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    proc = run_train(tmp_path, str(ROOT / "configs" / "tiny_c2i.yaml"), *TINY, "train.max_steps=1",
+                     "data.name=imagefolder", f"data.root={tmp_path / 'empty'}", "--output-dir", "run",
+                     torchrun=2, check=False)
+    assert proc.returncode != 0 and proc.stderr.count("train.py: error:") == 2, proc.stderr[-3000:]
+    assert "holds no images" in proc.stderr and "terminate called" not in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_skipped_images_are_counted_over_all_processes(tmp_path):
