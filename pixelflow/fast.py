@@ -651,6 +651,7 @@ class FastDenoiser:
         return [(p.data_ptr(), p.dtype, p.device, p._version) for p in self.model.parameters()]
 
     @torch.inference_mode(False)  # copies made in a first call under inference_mode must stay writable later
+    @torch.no_grad()              # (inference_mode(False) alone turns autograd back on)
     def _check_weights(self) -> None:
         state = self._param_state()
         if self._weights is not None and state == self._state:
@@ -840,7 +841,7 @@ class FastDenoiser:
         return static_out.clone()
 
     def _capture(self, inputs: tuple):
-        with torch.inference_mode(False):  # the static inputs are written at every replay, in any mode
+        with torch.inference_mode(False), torch.no_grad():  # the static inputs are written at every replay
             static = tuple(None if t is None else t.clone() for t in inputs)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream())

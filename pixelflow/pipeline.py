@@ -174,11 +174,10 @@ class PixelFlowPipeline:
         width = self.resolution if width is None else width
         self._check_call(height, width, guidance_scale, solver, output_type, shift)
         if solver == "dopri5":
-            for name, value in (("atol", atol), ("rtol", rtol)):
-                if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-                        or not 0 < value < math.inf:
-                    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
         self._check_weight_dtype()
+        if torch.is_tensor(latents) and not torch.isfinite(latents.to(torch.float32)).all():
+            raise ValueError("latents hold NaN or infinite values (in float32)")
         height, width = int(height), int(width)
         steps = self._check_steps(num_inference_steps)
         conditions, batch = self._conditions(class_labels, prompt, negative_prompt, num_images_per_prompt)
@@ -202,9 +201,7 @@ class PixelFlowPipeline:
             if tuple(latents.shape) != (batch, 3, h0, w0):
                 raise ValueError(f"latents must be {(batch, 3, h0, w0)} for {height}x{width}, got {tuple(latents.shape)}")
             z = latents.to(device=device, dtype=torch.float32)
-            if not torch.isfinite(z).all():
-                raise ValueError("latents hold NaN or infinite values")
-        if stage_noise is not None:
+        if stage_noise is not None:  # rows past 2B are never read (past B, only by dopri5's shadow)
             self._check_stage_noise(stage_noise, batch, h0, w0)
 
         # dopri5 as the release runs it: whenever guidance is on, the ODE state is doubled and the second half
@@ -323,7 +320,7 @@ class PixelFlowPipeline:
             except (TypeError, ValueError, RuntimeError):
                 raise ValueError(f"class_labels must be integers (class indices), got {class_labels!r:.80}; "
                                  "pixelflow.imagenet_classes maps ImageNet names to indices") from None
-            if labels.ndim > 1:
+            if labels.ndim > 1 and any(d != 1 for d in labels.shape[1:]):  # (B, 1) is still one per image
                 raise ValueError(f"class_labels must be one label per image, (B,), got shape {tuple(labels.shape)}")
             labels = labels.reshape(-1)
             if labels.numel() == 0:
@@ -418,8 +415,8 @@ class PixelFlowPipeline:
                     or tuple(given.shape[1:]) != expected[1:]:
                 got = tuple(given.shape) if torch.is_tensor(given) else type(given).__name__
                 raise ValueError(f"stage_noise[{k - 1}] (stage {k}) must be at least {expected}, got {got}")
-            if not torch.isfinite(given).all():
-                raise ValueError(f"stage_noise[{k - 1}] (stage {k}) holds NaN or infinite values")
+            if not torch.isfinite(given[:2 * batch].to(torch.float32)).all():
+                raise ValueError(f"stage_noise[{k - 1}] (stage {k}) holds NaN or infinite values (in float32)")
 
     def _check_generators(self, generator, batch: int):
         if generator is None or isinstance(generator, torch.Generator):
@@ -472,6 +469,16 @@ class PixelFlowPipeline:
             return pixels
         from PIL import Image
         return [Image.fromarray(p) for p in pixels]
+
+
+def _tolerance(name: str, value) -> float:
+    """A dopri5 tolerance: a finite real number > 0 (a Python, numpy or 0-d torch number)."""
+    if torch.is_tensor(value) and value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool):
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _count(value) -> int:

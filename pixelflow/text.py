@@ -85,16 +85,20 @@ def load_text_encoder(name: str, device: torch.device | str = "cpu", text_encode
     else:
         from transformers import AutoTokenizer, T5EncoderModel
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        try:
-            encoder = text_encoder or T5EncoderModel.from_pretrained(name, torch_dtype=dtype)
-            tok = tokenizer or AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as e:  # no such folder, not in the hub cache while offline, not a T5
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"text encoder {name!r} could not be loaded: give a local folder holding a T5 "
-                             f"encoder and its tokenizer, or a hub id already in the cache ({reason})") from e
+        encoder = text_encoder or _load_named("text encoder", name, T5EncoderModel, torch_dtype=dtype)
+        tok = tokenizer or _load_named("tokenizer", name, AutoTokenizer)
     encoder = (text_encoder or encoder).to(device).eval().requires_grad_(False)
     check_text_width(encoder, feature_dim, name)
     return encoder, tokenizer or tok
+
+
+def _load_named(what: str, name: str, loader, **kwargs):
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:  # no such folder, not in the hub cache while offline, not a T5
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{what} {name!r} could not be loaded: give a local folder holding a T5 encoder and its "
+                         f"tokenizer, or a hub id already in the cache ({reason})") from e
 
 
 @torch.no_grad()

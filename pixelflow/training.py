@@ -379,8 +379,12 @@ class Trainer:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value!r}")
         self.output_dir = Path(options.output_dir)
         check_writable_folder(self.output_dir, "--output-dir")
-        # Every process looks before any makes it (the agree after this check is a barrier).
-        self._new_output_dir = not self.output_dir.exists()
+        # The outermost folder this run will make (None: it exists), seen by every process before any makes it
+        # (the agree after this check is a barrier).
+        self._new_output_dir = None
+        folder = self.output_dir.absolute()
+        while not folder.exists():
+            self._new_output_dir, folder = folder, folder.parent
         self.resume_from = self._find_resume()
         if options.pretrained_model is not None:
             self._pretrained_path = Path(options.pretrained_model)
@@ -433,8 +437,8 @@ class Trainer:
         for handler in list(log.handlers):
             handler.close()
             log.removeHandler(handler)
-        if self.dist.is_main and getattr(self, "_new_output_dir", False):
-            shutil.rmtree(self.output_dir, ignore_errors=True)
+        if self.dist.is_main and getattr(self, "_new_output_dir", None) is not None:
+            shutil.rmtree(self._new_output_dir, ignore_errors=True)
 
     def _check_classes(self, config: DictConfig) -> None:
         """A class folder too many would train as the guidance null label (label num_classes); one more
@@ -709,6 +713,8 @@ class Trainer:
                 torch.distributed.all_reduce(window_loss)
                 window_loss /= self.dist.world_size
             self.progress.window_loss, self.progress.window_steps = float(window_loss), window_steps
+        else:
+            self.progress.window_loss, self.progress.window_steps = 0.0, 0
         path, error = None, None
         self._check_finite()
         skipped = self.total_skipped()

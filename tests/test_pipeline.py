@@ -308,6 +308,13 @@ def test_more_bad_inputs_are_named_before_any_work(c2i_pipe, kwargs, message):
     assert not calls
 
 
+def test_tolerances_and_labels_in_other_numeric_forms(c2i_pipe):
+    dopri5 = dict(solver="dopri5", num_inference_steps=1)
+    assert torch.equal(sample(c2i_pipe, atol=torch.tensor(1e-3), rtol=np.float32(1e-3), **dopri5),
+                       sample(c2i_pipe, atol=1e-3, rtol=float(np.float32(1e-3)), **dopri5))
+    assert torch.equal(sample(c2i_pipe, class_labels=torch.tensor([[3], [7]])), sample(c2i_pipe))
+
+
 def test_stage_noise_must_be_finite(c2i_pipe):
     noise = [torch.randn(2, 3, 4 << k, 4 << k) for k in (1, 2, 3)]
     noise[1][0, 0, 0, 0] = float("inf")

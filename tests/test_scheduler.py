@@ -100,8 +100,9 @@ def test_set_timesteps_checks_its_arguments_and_takes_numpy_integers(scheduler):
     import numpy as np
     scheduler.set_timesteps(5, 1, shift=2.0)
     expected = scheduler.timesteps.clone(), scheduler.t.clone()
-    scheduler.set_timesteps(np.int64(5), np.int64(1), shift=np.float64(2.0))
-    assert torch.equal(scheduler.timesteps, expected[0]) and torch.equal(scheduler.t, expected[1])
+    for shift in (np.float64(2.0), torch.tensor(2.0)):
+        scheduler.set_timesteps(np.int64(5), np.int64(1), shift=shift)
+        assert torch.equal(scheduler.timesteps, expected[0]) and torch.equal(scheduler.t, expected[1])
     for shift in (float("inf"), float("nan"), 0.0, -1.0, True, "2"):
         with pytest.raises(ValueError, match="shift must be a finite number > 0"):
             scheduler.set_timesteps(5, 1, shift=shift)

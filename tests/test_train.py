@@ -179,7 +179,9 @@ def test_leaving_the_process_group_leaves_no_gloo_threads(tmp_path):
         "t = torch.ones(1)\n"
         "torch.distributed.all_reduce(t)\n"
         "distributed.cleanup()\n"
-        "print('threads', before, len(os.listdir('/proc/self/task')), int(t.item()), flush=True)\n")
+        "line = f'threads {before} {len(os.listdir(\"/proc/self/task\"))} {int(t.item())}\\n'\n"
+        "sys.stdout.write(line)  # one write: the two processes share the pipe\n"
+        "sys.stdout.flush()\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                            str(free_port()), str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=120)
@@ -407,6 +409,9 @@ def test_unknown_config_key_and_empty_root(tmp_path):
     with pytest.raises(ValueError, match="holds no images"):
         Trainer(config, TrainOptions(str(tmp_path / "run"), progress=False))
     assert not (tmp_path / "run").exists()  # the failed setup's folder is gone, not left with an empty log
+    with pytest.raises(ValueError, match="holds no images"):
+        Trainer(config, TrainOptions(str(tmp_path / "new" / "parent" / "run"), progress=False))
+    assert not (tmp_path / "new").exists()  # and so are the parents it made
     (tmp_path / "kept").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
         Trainer(config, TrainOptions(str(tmp_path / "kept"), progress=False))

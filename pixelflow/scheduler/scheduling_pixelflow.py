@@ -124,6 +124,8 @@ class PixelFlowScheduler:
         """Set `timesteps` (n,) model times and `t` (n+1,) the Euler grid of `stage`."""
         if not _is_integer(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        if torch.is_tensor(shift) and shift.ndim == 0 and not (shift.is_complex() or shift.dtype == torch.bool):
+            shift = shift.item()
         if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < shift < math.inf:
             raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
         self._check_stage(stage)
