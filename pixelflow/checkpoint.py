@@ -65,22 +65,23 @@ class FolderError(ValueError):
     """An output folder that cannot be made or written: reported by its option, without a traceback."""
 
 
-def check_writable_folder(folder: str | os.PathLike, flag: str) -> None:
+def check_writable_folder(folder: str | os.PathLike, flag: str) -> Path | None:
     """Refuse a folder that cannot be made: its nearest existing ancestor must be a writable folder. (An
     existing folder is left to the run: a finished one needs no writes inside it.) flag: the option that named
-    it, for the message."""
+    it, for the message. Returns the outermost folder that making it would create (None: it exists)."""
     folder = Path(folder)
     if folder.is_dir():
-        return
+        return None
     if folder.exists():
         raise FolderError(f"{flag} {str(folder)!r} exists and is not a folder")
-    existing = Path(os.path.abspath(folder))
+    existing, outermost = Path(os.path.abspath(folder)), None
     while not existing.exists():
-        existing = existing.parent
+        existing, outermost = existing.parent, existing
     if not existing.is_dir():
         raise FolderError(f"{flag} {str(folder)!r} cannot be made: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FolderError(f"{flag} {str(folder)!r}: {str(existing)!r} is not writable by this user")
+    return outermost
 
 
 def make_folder(folder: str | os.PathLike, flag: str) -> None:

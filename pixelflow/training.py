@@ -378,13 +378,9 @@ class Trainer:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value!r}")
         self.output_dir = Path(options.output_dir)
-        check_writable_folder(self.output_dir, "--output-dir")
         # The outermost folder this run will make (None: it exists), seen by every process before any makes it
         # (the agree after this check is a barrier).
-        self._new_output_dir = None
-        folder = self.output_dir.absolute()
-        while not folder.exists():
-            self._new_output_dir, folder = folder, folder.parent
+        self._new_output_dir = check_writable_folder(self.output_dir, "--output-dir")
         self.resume_from = self._find_resume()
         if options.pretrained_model is not None:
             self._pretrained_path = Path(options.pretrained_model)
