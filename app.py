@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=port, default=7860, help="port to serve on (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available); bf16 autocast on cuda")
+    # The caps' defaults are pixelflow.demo's DEFAULT_MAX_*, written out so that --help does not import gradio.
     p.add_argument("--max-images", type=positive_int, default=8, help="cap on images per request")
     p.add_argument("--max-steps", type=positive_int, default=100, help="cap on Euler steps per stage")
     p.add_argument("--max-queue", type=positive_int, default=16, help="requests that may wait in the queue")

@@ -15,7 +15,8 @@ from typing import Sequence
 
 from pixelflow.checkpoint import FolderError, WeightsError
 from pixelflow.distributed import cleanup, init_distributed, resolve_device
-from pixelflow.sampling import BARRIER_TIMEOUT, SampleOptions, plan_on_every_rank, sample_to_folder
+from pixelflow.sampling import (BARRIER_TIMEOUT, GUIDANCE_SCHEDULES, SampleOptions, plan_on_every_rank,
+                               sample_to_folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "[-<prompts file>]-seed<seed>, where a training checkpoint is <run>-<step>)")
     parser.add_argument("--cfg", type=float, default=2.4,
                         help="guidance scale g >= 0 (class-to-image ramps it over the stages; 0 = none; default: %(default)s)")
-    parser.add_argument("--guidance-schedule", choices=["ramp", "constant"], default="ramp",
+    parser.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="ramp",
                         help="ramp: the release's stage-wise weights 1 + (g-1)(0, 1/6, 2/3, 1) for class-to-image "
                              "(the FID 1.98 setting); constant: g at every stage (the paper's Euler 2.51 setting "
                              "with g = 1.5). Text-to-image always uses g at every stage. (default: %(default)s)")
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (WeightsError, FolderError) as e:  # unreadable weights, an unmakeable folder: the reason alone
             sys.exit(f"{parser.prog}: error: {e}")
     finally:
-        cleanup(ctx)
+        cleanup()
 
 
 if __name__ == "__main__":

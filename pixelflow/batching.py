@@ -20,14 +20,13 @@ from .scheduler import PixelFlowScheduler
 class PackedBatch:
     """tokens/targets: (L, C*p*p) features ordered (channel, row-in-patch, col-in-patch).
     timesteps: (B,) model times; grid_sizes: token-grid side per image; order: (B,) original batch index
-    of each packed image; stages: (B,) stage of each packed image. All per-image tensors in packed order."""
+    of each packed image. All per-image tensors in packed order."""
 
     tokens: torch.Tensor
     targets: torch.Tensor
     timesteps: torch.Tensor
     grid_sizes: list[int]
     order: torch.Tensor
-    stages: torch.Tensor
 
     @property
     def seqlens(self) -> list[int]:
@@ -57,7 +56,7 @@ def pack_batch(scheduler: PixelFlowScheduler, images: torch.Tensor, stages: torc
     images: (B, C, R, R) in [-1, 1]; stages: (B,) stage per image; timestep_index: (B,) long in [0, N);
     noise(stage, shape) -> standard normal noise of that shape (one draw per stage group, images in batch order).
     """
-    tokens, targets, timesteps, grids, order, group_stages = [], [], [], [], [], []
+    tokens, targets, timesteps, grids, order = [], [], [], [], []
     resolution = images.shape[-1]
     stages_cpu = stages.cpu()
     for stage in reversed(range(scheduler.num_stages)):  # finest group first, as the release packs them
@@ -73,10 +72,9 @@ def pack_batch(scheduler: PixelFlowScheduler, images: torch.Tensor, stages: torc
         timesteps.append(result.timesteps)
         grids += [side // patch_size] * len(members)
         order.append(members)
-        group_stages += [stage] * len(members)
     return PackedBatch(
         tokens=torch.cat(tokens), targets=torch.cat(targets), timesteps=torch.cat(timesteps),
-        grid_sizes=grids, order=torch.cat(order), stages=torch.tensor(group_stages),
+        grid_sizes=grids, order=torch.cat(order),
     )
 
 

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 WEIGHT_FILES = ("model.pt", "model.safetensors", "model.pth", "model.bin")
+MODEL_FILE = WEIGHT_FILES[0]  # what our checkpoints write: the EMA weights as a flat state dict
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -130,10 +131,6 @@ class ConfigSummary:
     pyramid_shift: bool
     resolution: int
 
-    @property
-    def class_conditional(self) -> bool:
-        return self.num_classes > 0
-
 
 def summarize_config(config: DictConfig) -> ConfigSummary:
     params = config.get("model", {}).get("params", {})
@@ -222,13 +219,17 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
 
 def load_config(folder: str | os.PathLike) -> DictConfig:
+    """A pretrained folder's config.yaml, its keys checked (config.check_pretrained_config)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"checkpoint folder {str(folder)!r} does not exist or is not a folder")
     path = folder / "config.yaml"
     if not path.is_file():
         raise ValueError(f"checkpoint folder {str(folder)!r} has no config.yaml")
-    return OmegaConf.load(path)
+    from .config import check_pretrained_config
+    config = OmegaConf.load(path)
+    check_pretrained_config(config, str(path))
+    return config
 
 
 CHECKPOINTS_DIR = "checkpoints"

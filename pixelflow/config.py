@@ -29,6 +29,7 @@ DEFAULTS = {
         "precision": "auto",        # auto: bf16 autocast on CUDA, fp32 on the CPU; or "bf16", "fp32"
         "keep_checkpoints": 3,      # newest checkpoints kept in OUTPUT/checkpoints
         "preview_steps": 0,         # also write a preview grid every N steps (0: only with each checkpoint)
+        "attention": "auto",        # packed attention: auto (flash-attn's varlen kernel when usable), sdpa, flash_attn
     },
     "data": {
         "name": "imagefolder",      # imagefolder | synthetic | captions
@@ -71,6 +72,41 @@ def _check_keys(user: DictConfig, schema: DictConfig, path: tuple[str, ...] = ()
             if not isinstance(value, DictConfig):
                 raise ValueError(f"config key {where!r} must be a section, got {value!r}")
             _check_keys(value, spec, path + (str(key),))
+
+
+# Sections of a pretrained folder's config.yaml that decide what its weights compute. A misspelled key in one of
+# these (say scheduler.num_stage) would otherwise sample with the default silently.
+_PRETRAINED_STRICT = ("model", "scheduler", "text_encoder")
+
+
+def check_pretrained_config(config: DictConfig, source: str) -> None:
+    """Check a checkpoint's config.yaml: unknown keys in model, scheduler or text_encoder are errors; unknown
+    keys elsewhere (the training settings the folder was made with) are named in a warning, since loading reads
+    none of them but data.resolution (the default image size)."""
+    import warnings
+
+    if not isinstance(config, DictConfig):
+        raise ValueError(f"{source} must hold a mapping, got {type(config).__name__}")
+    schema = default_config()
+    strict = OmegaConf.masked_copy(config, [k for k in _PRETRAINED_STRICT if k in config])
+    try:
+        _check_keys(strict, schema)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    unknown = []
+
+    def collect(user, spec, path):
+        for key in user.keys():
+            where = path + (str(key),)
+            if key not in spec:
+                unknown.append(".".join(where))
+            elif isinstance(spec[key], DictConfig) and isinstance(user[key], DictConfig) and where not in _FREE_FORM:
+                collect(user[key], spec[key], where)
+
+    rest = OmegaConf.masked_copy(config, [k for k in config.keys() if k not in _PRETRAINED_STRICT])
+    collect(rest, schema, ())
+    if unknown:
+        warnings.warn(f"{source}: config keys {unknown} are not known here and are ignored when loading", stacklevel=3)
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -181,6 +217,11 @@ def validate_train_config(config: DictConfig) -> None:
         raise ValueError(f"train.weight_decay={train.weight_decay!r} must be a number >= 0")
     if not isinstance(train.preview_steps, int) or train.preview_steps < 0:
         raise ValueError(f"train.preview_steps={train.preview_steps!r} must be an int >= 0 (0: only with checkpoints)")
+    from .model.attention import check_attention_backend
+    try:
+        check_attention_backend(train.attention)
+    except ValueError as e:
+        raise ValueError(f"train.attention={train.attention!r}: {e}") from None
     if not isinstance(data.num_workers, int) or data.num_workers < 0:
         raise ValueError(f"data.num_workers={data.num_workers!r} must be an int >= 0")
     _check_preview(config.preview)

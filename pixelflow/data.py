@@ -19,6 +19,12 @@ from torch.utils.data import Dataset, Sampler
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from (seed, keys...), e.g. (seed, epoch): distinct tuples give unrelated streams
+    (a plain seed + epoch would give seed 42's second epoch the order of seed 43's first)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def sample_generator(seed: int, *keys: int) -> np.random.Generator:
     """An independent numpy generator for (seed, keys...), e.g. (seed, epoch, index)."""
     return np.random.default_rng([seed & 0xFFFFFFFF, *[k & 0xFFFFFFFF for k in keys]])
@@ -209,7 +215,7 @@ class SyntheticShapes(EpochDataset):
         if not 1 <= num_classes <= len(SYNTHETIC_COLOURS):
             raise ValueError(f"data.synthetic_classes={num_classes} must be in [1, {len(SYNTHETIC_COLOURS)}]")
         self.resolution, self.num_classes, self.size, self.seed = resolution, num_classes, size, seed
-        self.classes = [f"{SYNTHETIC_SHAPES[c]} ({'rgb'[c] if c < 3 else c})" for c in range(num_classes)]
+        self.classes = [f"{SYNTHETIC_COLOUR_NAMES[c]} {SYNTHETIC_SHAPES[c]}" for c in range(num_classes)]
 
     def __len__(self) -> int:
         return self.size
@@ -278,7 +284,7 @@ class ResumableShardSampler(Sampler):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
     def __iter__(self):
-        order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
         usable = self.batches_per_epoch * self.batch_size * self.world_size
         shard = order[:usable][self.rank::self.world_size]
         for index in shard[self.start_batch * self.batch_size:].tolist():

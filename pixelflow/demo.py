@@ -39,6 +39,7 @@ GUIDANCE_RANGE = (0.0, 20.0)  # 0 = no guidance (the pipeline's convention)
 SHIFT_RANGE = (0.1, 10.0)
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = {True: 2.4, False: 4.0}  # class-to-image (release FID setting), text-to-image
+DEFAULT_IMAGENET_CLASS = 207  # golden retriever: the class picked when the page opens on an ImageNet model
 # Small checkpoints make images of a few dozen pixels; draw their upscaled pixels as squares, not blur.
 CSS = "#pf-gallery img { image-rendering: pixelated; }"
 
@@ -185,7 +186,7 @@ class DemoGenerator:
 
     # ------------------------------------------------------------------ the request
     def generate(self, condition: Any, negative_prompt: str = "", steps: Any = DEFAULT_STEPS,
-                 guidance_scale: Any = 2.4, shift: Any = 1.0, solver: str = "euler", seed: Any = 0,
+                 guidance_scale: Any = DEFAULT_GUIDANCE[True], shift: Any = 1.0, solver: str = "euler", seed: Any = 0,
                  num_images: Any = 1) -> tuple[list[tuple[Image.Image, str]], str]:
         """Sample num_images images -> (gallery items (image, caption), a line giving the settings and time).
 
@@ -265,7 +266,7 @@ def build_demo(generator: DemoGenerator) -> gr.Blocks:
             with gr.Column(scale=2):
                 if c2i:
                     choices = generator.class_choices()
-                    default = 207 if len(choices) > 207 else 0  # golden retriever on ImageNet
+                    default = DEFAULT_IMAGENET_CLASS if len(choices) > DEFAULT_IMAGENET_CLASS else 0
                     # Custom values reach generate(), which also takes a class name or number (class_index)
                     # and names the closest classes when nothing matches.
                     condition = gr.Dropdown(choices=choices, value=default, label="Class", filterable=True,

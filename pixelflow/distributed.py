@@ -160,7 +160,7 @@ def all_gather(ctx: DistributedContext, value) -> list:
     return values
 
 
-def cleanup(ctx: DistributedContext | None = None) -> None:
+def cleanup() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -53,7 +53,7 @@ import time
 import warnings
 from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -184,11 +184,22 @@ def accelerate(pipe, options: FastOptions | None = None, **switches: Any):
         raise ValueError(f"attention={options.attention!r} runs in bf16 or fp16 only, but this pipeline would run "
                          f"it in {weight_dtype} (precision={options.precision!r}); use precision='bf16', or "
                          "attention='auto'")
-    denoiser = pipe.model if options.is_plain else FastDenoiser(pipe.model, options, autocast_dtype=dtype)
-    if denoiser is not pipe.model:
-        denoiser.requested = requested  # before "auto" was resolved: to build it again on another device
+    denoiser = pipe.model if options.is_plain else FastDenoiser(pipe.model, options, autocast_dtype=dtype,
+                                                                 requested=requested)
     pipe.autocast_dtype, pipe.denoiser = dtype, denoiser  # only once the denoiser is built: a refusal changes nothing
     return pipe
+
+
+def follow(pipe) -> None:
+    """Build `pipe`'s fast path again, with the switches first given to `accelerate`, when it was built for
+    another precision, model or device type than the pipeline's now (pipe.autocast_dtype, pipe.model or
+    pipe.to(...) set after accelerate): it would otherwise sample at the old precision, with the old weights,
+    or fail. The pipeline calls this at every stage."""
+    denoiser = pipe.denoiser
+    dtype = None if pipe.autocast_dtype == torch.float32 else pipe.autocast_dtype
+    moved = denoiser.device.type != pipe.device.type  # CUDA-only switches were resolved for the old device
+    if denoiser.autocast_dtype != dtype or denoiser.model is not pipe.model or moved:
+        accelerate(pipe, replace(denoiser.requested, precision="keep"))
 
 
 def plain(pipe):
@@ -223,16 +234,28 @@ def pad_heads(t: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(t, (0, size - t.shape[-1]))
 
 
-def _rms_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, spec: tuple) -> torch.Tensor:
+class BlockSpec(NamedTuple):
+    """What every block of one forward shares besides its weights; a compiled block specialises on it."""
+
+    heads: int
+    head_dim: int
+    eps: float             # the RMSNorms' epsilon (q and k, norm2, norm3)
+    kernel: str            # attention kernel (see _attend)
+    pad: int               # attention head size with zero channels added, or 0 for none
+    fused_gelu: bool
+    fused_norms: bool
+    fused_residual: bool
+
+
+def _rms_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
     """RMSNorm then RoPE: (B, N, H*d) -> (B, N, H, d); one Triton kernel with fused_norms."""
-    heads, eps = spec[0], spec[2]
-    if spec[6]:
-        return norm_kernels.rms_rope(x, weight, rope, heads, eps)
-    return norm_kernels.rms_rope_reference(x, weight, rope, heads, eps)
+    if spec.fused_norms:
+        return norm_kernels.rms_rope(x, weight, rope, spec.heads, spec.eps)
+    return norm_kernels.rms_rope_reference(x, weight, rope, spec.heads, spec.eps)
 
 
-def _self_attention(h: torch.Tensor, rope: torch.Tensor, w: dict, spec: tuple) -> torch.Tensor:
-    heads, head_dim, eps, kernel, pad = spec[:5]
+def _self_attention(h: torch.Tensor, rope: torch.Tensor, w: dict, spec: BlockSpec) -> torch.Tensor:
+    heads, head_dim, kernel, pad = spec.heads, spec.head_dim, spec.kernel, spec.pad
     if "qkv_w" in w:
         q, k, v = F.linear(h, w["qkv_w"], w["qkv_b"]).chunk(3, dim=-1)
     else:
@@ -250,9 +273,9 @@ def _self_attention(h: torch.Tensor, rope: torch.Tensor, w: dict, spec: tuple) -
 
 
 def _cross_attention(h: torch.Tensor, rope: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
-                     w: dict, spec: tuple) -> torch.Tensor:
+                     w: dict, spec: BlockSpec) -> torch.Tensor:
     """Queries from the image (rotated), keys and values from the text (not rotated), as the release."""
-    heads, head_dim, eps = spec[:3]
+    heads, head_dim, eps = spec.heads, spec.head_dim, spec.eps
     q = F.linear(h, w["xq_w"], w["xq_b"])
     if "xkv_w" in w:
         k, v = F.linear(context, w["xkv_w"], w["xkv_b"]).chunk(2, dim=-1)
@@ -272,22 +295,21 @@ def _mlp(h: torch.Tensor, w: dict, fused_gelu: bool) -> torch.Tensor:
     return F.linear(hidden, w["fc2_w"], w["fc2_b"])
 
 
-def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dict, spec: tuple,
+def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dict, spec: BlockSpec,
                   context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                   pending: tuple[torch.Tensor, torch.Tensor] | None = None):
     """One PixelFlowBlock (pixelflow/model/pixelflow_model.py) on dense tokens, the same operations in the same
     order, from a dict of (possibly merged) weights. Compiled as one region and reused by every block.
 
     x: (B, N, D); mod: (B, 6, D) float32 adaLN outputs (shift1, scale1, gate1, shift2, scale2, gate2);
-    rope: (N, head_dim, 2) float32; spec: (heads, head_dim, rms eps, attention kernel, attention head size or 0,
-    fused_gelu, fused_norms, fused_residual). pending: the previous block's MLP output and gate2, not yet added
+    rope: (N, head_dim, 2) float32; spec: the settings all blocks share (BlockSpec). pending: the previous block's MLP output and gate2, not yet added
     to x (fused_residual). Returns (x, None), or with fused_residual (x, (mlp output, gate2)): this block's
     residual, left for the next block's LayerNorm kernel (or the final layer's) to add.
     """
     shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
     if pending is not None:
         x, h = norm_kernels.add_layer_norm_modulate(x, pending[0], pending[1], shift1, scale1, LAYER_NORM_EPS)
-    elif spec[6]:
+    elif spec.fused_norms:
         h = norm_kernels.layer_norm_modulate(x, shift1, scale1, LAYER_NORM_EPS)
     else:
         h = F.layer_norm(x, (x.shape[-1],), eps=LAYER_NORM_EPS)
@@ -295,10 +317,10 @@ def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dic
     h = _self_attention(h, rope, w, spec)
     x = x + (h * gate1[:, None]).to(x.dtype)
     if context is not None:
-        x = x + _cross_attention(_rms(x, w["norm2"], spec[2]), rope, context, context_mask, w, spec)
-    h = torch.addcmul(shift2[:, None], _rms(x, w["norm3"], spec[2]), 1 + scale2[:, None]).to(x.dtype)
-    h = _mlp(h, w, spec[5])
-    if spec[7]:
+        x = x + _cross_attention(_rms(x, w["norm2"], spec.eps), rope, context, context_mask, w, spec)
+    h = torch.addcmul(shift2[:, None], _rms(x, w["norm3"], spec.eps), 1 + scale2[:, None]).to(x.dtype)
+    h = _mlp(h, w, spec.fused_gelu)
+    if spec.fused_residual:
         return x, (h, gate2)
     return x + (h * gate2[:, None]).to(x.dtype), None
 
@@ -589,13 +611,17 @@ class FastDenoiser:
     path again from the switches given to `accelerate`. Call `refresh()` after changing weights through `.data`.
     """
 
-    def __init__(self, model: torch.nn.Module, options: FastOptions, autocast_dtype: torch.dtype | None = None):
+    follows_pipeline = True  # the pipeline calls fast.follow(pipe) to rebuild it after the pipeline changes
+
+    def __init__(self, model: torch.nn.Module, options: FastOptions, autocast_dtype: torch.dtype | None = None,
+                 requested: FastOptions | None = None):
         if options.precision == "auto" or "auto" in (options.merge_qkv, options.merge_adaln, options.compile,
                                                      options.fused_gelu, options.fused_norms,
                                                      options.fused_residual):
             raise ValueError("FastDenoiser needs resolved options: pass options.resolve(device)")
         self.model = model
         self.options = options
+        self.requested = requested or options  # before "auto" was resolved: to build it again on another device
         self.autocast_dtype = autocast_dtype
         self._setup()
 
@@ -781,8 +807,8 @@ class FastDenoiser:
         mask = m._text_mask(context_mask, x.dtype)
         rope = m.rope_table(gh, gw, x.device)
         kernel, pad = self._attention_kernel(b, gh * gw)
-        spec = (m.num_attention_heads, m.attention_head_dim, m.transformer_blocks[0].norm3.eps, kernel, pad,
-                self.fused_gelu, self.fused_norms, self.fused_residual)
+        spec = BlockSpec(m.num_attention_heads, m.attention_head_dim, m.transformer_blocks[0].norm3.eps, kernel, pad,
+                         self.fused_gelu, self.fused_norms, self.fused_residual)
         silu_c = F.silu(c)
         if "ada_w" in w:  # merged: (B, depth * 6D) -> (B, depth, 6, D)
             mods = F.linear(silu_c, w["ada_w"], w["ada_b"]).float().unflatten(-1, (len(w["blocks"]), 6, -1)).unbind(1)

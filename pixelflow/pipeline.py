@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .scheduler import PixelFlowScheduler
+from .text import DEFAULT_MAX_LENGTH
 from .scheduler.scheduling_pixelflow import randn
 
 if TYPE_CHECKING:  # omegaconf is needed only to load a pretrained folder (from_pretrained imports it then)
@@ -38,14 +39,21 @@ def guidance_ramp(num_stages: int) -> tuple[float, ...]:
     return tuple(k / (num_stages - 1) for k in range(num_stages))
 
 
-def stage_guidance_weights(guidance_scale: float, num_stages: int, class_conditional: bool) -> list[float]:
-    """Per-stage guidance weights w_k. Class-to-image ramps (guidance_ramp); text-to-image uses g everywhere.
+GUIDANCE_SCHEDULES = ("ramp", "constant")
+
+
+def stage_guidance_weights(guidance_scale: float, num_stages: int, class_conditional: bool,
+                           schedule: str = "ramp") -> list[float]:
+    """Per-stage guidance weights w_k. Class-to-image ramps (guidance_ramp); text-to-image, and the schedule
+    "constant" (the paper's Euler setting for class-to-image), use g at every stage.
 
     As in the release, guidance_scale 0 means no guidance (every w_k = 1).
     """
+    if schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
     if guidance_scale == 0:
         return [1.0] * num_stages
-    if not class_conditional:
+    if not class_conditional or schedule == "constant":
         return [float(guidance_scale)] * num_stages
     return [1.0 + (guidance_scale - 1.0) * kappa for kappa in guidance_ramp(num_stages)]
 
@@ -59,7 +67,7 @@ class PixelFlowPipeline:
     """
 
     def __init__(self, model: torch.nn.Module, scheduler: PixelFlowScheduler, resolution: int = 256,
-                 text_encoder=None, tokenizer=None, max_text_length: int = 512,
+                 text_encoder=None, tokenizer=None, max_text_length: int = DEFAULT_MAX_LENGTH,
                  autocast_dtype: torch.dtype | None = None, config: DictConfig | None = None):
         self.model = model
         self.scheduler = scheduler
@@ -95,17 +103,12 @@ class PixelFlowPipeline:
         model, config = load_pretrained(folder, device=device)
         scheduler = scheduler_from_config(config)
         resolution = summarize_config(config).resolution
-        max_length = 512
+        max_length = DEFAULT_MAX_LENGTH
         if model.cross_attention_dim is not None:
-            from .text import check_text_width, load_text_encoder, text_encoder_settings
+            from .text import load_text_encoder, text_encoder_settings
             name, max_length = text_encoder_settings(config)
-            if text_encoder is None or tokenizer is None:
-                text_encoder, tokenizer = load_text_encoder(name, device=device, text_encoder=text_encoder,
-                                                            tokenizer=tokenizer,
-                                                            feature_dim=model.cross_attention_dim)
-            else:  # a given encoder samples in eval mode (T5's dropout would change the images every call)
-                text_encoder = text_encoder.to(device).eval().requires_grad_(False)
-            check_text_width(text_encoder, model.cross_attention_dim, name)
+            text_encoder, tokenizer = load_text_encoder(name, device=device, text_encoder=text_encoder,
+                                                        tokenizer=tokenizer, feature_dim=model.cross_attention_dim)
         return cls(model, scheduler, resolution=resolution, text_encoder=text_encoder, tokenizer=tokenizer,
                    max_text_length=max_length, autocast_dtype=autocast_dtype, config=config)
 
@@ -143,6 +146,7 @@ class PixelFlowPipeline:
         width: int | None = None,
         num_inference_steps: int | Sequence[int] = 30,
         guidance_scale: float = 2.4,
+        guidance_schedule: str = "ramp",
         guidance_weights: Sequence[float] | None = None,
         shift: float = 1.0,
         solver: str = "euler",
@@ -158,7 +162,8 @@ class PixelFlowPipeline:
 
         class_labels: (B,) ints in [0, num_classes) for class-to-image; prompt: str or list for text-to-image.
         num_inference_steps: Euler steps, one int for every stage or one per stage.
-        guidance_scale: g >= 0; per-stage weights from stage_guidance_weights unless guidance_weights is given.
+        guidance_scale: g >= 0; per-stage weights from stage_guidance_weights with guidance_schedule ("ramp",
+        the release's class-to-image ramp, or "constant": g at every stage), unless guidance_weights is given.
         generator: one torch.Generator, or one per image (image b's noise then depends on generator[b] only).
         latents: (B, 3, H/2^(S-1), W/2^(S-1)) initial noise; stage_noise: block noise for stages 1..S-1
         at each stage's size, (B or more, 3, h, w). Rows past B never reach an image. The one place they are
@@ -173,6 +178,7 @@ class PixelFlowPipeline:
         height = self.resolution if height is None else height
         width = self.resolution if width is None else width
         self._check_call(height, width, guidance_scale, solver, output_type, shift)
+        weights = stage_guidance_weights(guidance_scale, S, self.class_conditional, guidance_schedule)
         if solver == "dopri5":
             atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
         self._check_weight_dtype()
@@ -187,8 +193,6 @@ class PixelFlowPipeline:
                 raise ValueError(f"guidance_weights needs one weight per stage ({S}), got {len(weights)}")
             if not all(math.isfinite(w) and w >= 0 for w in weights):
                 raise ValueError(f"guidance_weights must be finite numbers >= 0, got {weights}")
-        else:
-            weights = stage_guidance_weights(guidance_scale, S, self.class_conditional)
         generators = self._check_generators(generator, batch)
 
         device = self.device
@@ -438,19 +442,10 @@ class PixelFlowPipeline:
         return self.scheduler.sample_block_noise(b, c, h, w, generator=generators, device=self.device)
 
     def _follow_fast_path(self) -> None:
-        """A fast path (pixelflow.fast.accelerate) built for another precision, model or device type than the
-        pipeline's now (pipe.autocast_dtype, pipe.model or pipe.to(...) after accelerate) is built again with the
-        same switches: it would otherwise sample at the old precision, with the old weights, or fail."""
-        denoiser = self.denoiser
-        if denoiser is self.model or not hasattr(denoiser, "options") or not hasattr(denoiser, "autocast_dtype"):
-            return
-        dtype = None if self.autocast_dtype == torch.float32 else self.autocast_dtype
-        moved = denoiser.device.type != self.device.type  # CUDA-only switches resolved for the old device
-        if denoiser.autocast_dtype != dtype or denoiser.model is not self.model or moved:
-            from dataclasses import replace
-
-            from .fast import accelerate
-            accelerate(self, replace(getattr(denoiser, "requested", denoiser.options), precision="keep"))
+        """A fast path set by pixelflow.fast.accelerate follows later changes of the pipeline (fast.follow)."""
+        if self.denoiser is not self.model and getattr(self.denoiser, "follows_pipeline", False):
+            from .fast import follow
+            follow(self)
 
     def _autocast(self):
         if self.autocast_dtype is None or self.autocast_dtype == torch.float32:
@@ -459,7 +454,7 @@ class PixelFlowPipeline:
 
     @staticmethod
     def _output(z: torch.Tensor, output_type: str):
-        images = (z / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+        images = (z / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().contiguous()  # (B, H, W, 3) in memory too
         if output_type == "pt":
             return images
         if output_type == "np":

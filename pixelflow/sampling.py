@@ -35,14 +35,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import (FolderError, WeightsError, atomic_write, check_writable_folder, find_weights, load_config,
-                         make_folder, resolve_pretrained, summarize_config)
+from .checkpoint import (CHECKPOINTS_DIR, FolderError, WeightsError, atomic_write, check_writable_folder, find_weights,
+                         load_config, make_folder, resolve_pretrained, summarize_config)
 from .distributed import (DistributedContext, agree, all_gather, all_reduce_sum, barrier, cleanup, init_distributed,
                           resolve_device)
+from .pipeline import GUIDANCE_SCHEDULES
 
 SETTINGS_FILE = "sampling_args.json"
 SETTINGS_FORMAT = 1
-GUIDANCE_SCHEDULES = ("ramp", "constant")
 
 # How a per-image seed is derived; part of the settings so a change of scheme can never mix images.
 SEED_SCHEME = "numpy.SeedSequence([global_seed, index]) -> uint64"
@@ -115,18 +115,21 @@ def chunks_for_rank(num_samples: int, batch_size: int, rank: int, world_size: in
             for c in range(rank, num_chunks, world_size)]
 
 
-def pending_batches(chunks: Sequence[range], is_done: Callable[[int], bool]) -> list[tuple[list[int], list[int]]]:
+def pending_batches(chunks: Sequence[range], is_done: Callable[[int], bool],
+                    batch_size: int) -> list[tuple[list[int], list[int]]]:
     """The batches still to sample, as (indices to sample, indices to write).
 
-    A chunk with any missing image is sampled whole, so that every image is made in the batch it would have
-    had in an uninterrupted run (dopri5 couples a batch; GPU kernels vary with the batch shape); only the
-    missing images are written. A killed run leaves at most one partial chunk per process.
+    A chunk with any missing image is sampled whole, and always as a full batch of batch_size indices
+    [c*B, (c+1)*B), the last chunk too (its images past N are made and dropped): every image is then made in
+    the same batch whatever N is and however often the run was interrupted (dopri5 couples a batch; GPU
+    kernels vary with the batch shape). Only the missing images are written. A killed run leaves at most one
+    partial chunk per process.
     """
     work = []
     for chunk in chunks:
         missing = [i for i in chunk if not is_done(i)]
         if missing:
-            work.append((list(chunk), missing))
+            work.append((list(range(chunk.start, chunk.start + batch_size)), missing))
     return work
 
 
@@ -373,7 +376,7 @@ def default_sample_dir(checkpoint: Path, cfg: float, solver: str, steps: Sequenc
     A training checkpoint OUT/checkpoints/0001000 is named <OUT name>-0001000."""
     checkpoint = checkpoint.resolve()
     name = checkpoint.name
-    if checkpoint.parent.name == "checkpoints":
+    if checkpoint.parent.name == CHECKPOINTS_DIR:
         name = f"{checkpoint.parent.parent.name}-{name}"
     if solver == "dopri5":
         method = "dopri5"
@@ -386,14 +389,6 @@ def default_sample_dir(checkpoint: Path, cfg: float, solver: str, steps: Sequenc
         parts.append(Path(prompts).stem)
     parts.append(f"seed{seed}")
     return Path("samples") / "-".join(parts)
-
-
-def guidance_weights(opts: SampleOptions, num_stages: int) -> list[float] | None:
-    """Per-stage weights for the pipeline: None (its default: the release's ramp for class-to-image, g at every
-    stage for text-to-image), or g at every stage for --guidance-schedule constant (the paper's Euler setting)."""
-    if opts.guidance_schedule == "constant" and opts.cfg > 0:
-        return [float(opts.cfg)] * num_stages
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -506,7 +501,7 @@ def sample_to_folder(plan: SamplingPlan, ctx: DistributedContext | None = None) 
     try:
         return _sample(plan, ctx)
     finally:
-        cleanup(ctx)
+        cleanup()
 
 
 def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
@@ -536,7 +531,8 @@ def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
     agree(ctx, error, "preparing the sample folder", FolderError)
     size = plan.resolution
     chunks = chunks_for_rank(opts.num_fid_samples, opts.local_batch_size, ctx.rank, ctx.world_size)
-    work = pending_batches(chunks, lambda i: is_complete_png(png_path(plan.sample_dir, i), size, size))
+    work = pending_batches(chunks, lambda i: is_complete_png(png_path(plan.sample_dir, i), size, size),
+                           opts.local_batch_size)
     todo_here = sum(len(m) for _, m in work)
     todo_all = all_reduce_sum(ctx, todo_here)
     done_all = opts.num_fid_samples - todo_all
@@ -555,7 +551,7 @@ def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
     for indices, to_write in work:
         images = pipe(**_conditions(plan, indices), height=size, width=size,
                       num_inference_steps=plan.steps, guidance_scale=opts.cfg, shift=opts.shift,
-                      guidance_weights=guidance_weights(opts, len(plan.steps)),
+                      guidance_schedule=opts.guidance_schedule,
                       solver=plan.solver, generator=image_generators(opts.global_seed, indices, ctx.device),
                       output_type="uint8")
         keep = set(to_write)

@@ -8,8 +8,12 @@ with it samples the same way later.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from omegaconf import DictConfig
+
+if TYPE_CHECKING:  # the pipeline imports this module, and sampling alone needs no omegaconf
+    from omegaconf import DictConfig
 
 DEFAULT_TEXT_ENCODER = "google/flan-t5-xl"
 DEFAULT_MAX_LENGTH = 512
@@ -76,20 +80,25 @@ def build_tiny_text_encoder(d_model: int = 32, num_layers: int = 2, num_heads: i
 
 def load_text_encoder(name: str, device: torch.device | str = "cpu", text_encoder=None, tokenizer=None,
                       feature_dim: int | None = None):
-    """Load (text_encoder, tokenizer): the tiny random T5 for TINY_RANDOM_T5 (width feature_dim), else
-    transformers' T5 by name (a hub id or a local folder). Kept in bfloat16 on CUDA, float32 elsewhere;
-    eval mode, no grads."""
+    """(text_encoder, tokenizer), loading only what is not given: the tiny random T5 for TINY_RANDOM_T5 (width
+    feature_dim), else transformers' T5 by name (a hub id or a local folder), in bfloat16 on CUDA and float32
+    elsewhere. The encoder is put on `device` in eval mode without grads (T5's dropout would otherwise change
+    the features every call), and its width is checked against feature_dim."""
     device = torch.device(device)
-    if name == TINY_RANDOM_T5:
-        encoder, tok = build_tiny_text_encoder(d_model=feature_dim or 32)
-    else:
-        from transformers import AutoTokenizer, T5EncoderModel
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        encoder = text_encoder or _load_named("text encoder", name, T5EncoderModel, torch_dtype=dtype)
-        tok = tokenizer or _load_named("tokenizer", name, AutoTokenizer)
-    encoder = (text_encoder or encoder).to(device).eval().requires_grad_(False)
-    check_text_width(encoder, feature_dim, name)
-    return encoder, tokenizer or tok
+    if text_encoder is None or tokenizer is None:
+        if name == TINY_RANDOM_T5:
+            tiny_encoder, tiny_tokenizer = build_tiny_text_encoder(d_model=feature_dim or 32)
+            text_encoder, tokenizer = text_encoder or tiny_encoder, tokenizer or tiny_tokenizer
+        else:
+            from transformers import AutoTokenizer, T5EncoderModel
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            if text_encoder is None:
+                text_encoder = _load_named("text encoder", name, T5EncoderModel, torch_dtype=dtype)
+            if tokenizer is None:
+                tokenizer = _load_named("tokenizer", name, AutoTokenizer)
+    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+    check_text_width(text_encoder, feature_dim, name)
+    return text_encoder, tokenizer
 
 
 def _load_named(what: str, name: str, loader, **kwargs):

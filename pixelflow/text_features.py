@@ -40,6 +40,12 @@ def encoder_fingerprint(encoder: torch.nn.Module, max_length: int) -> str:
 
 
 class TextFeatures:
+    """T5 features of a batch's captions for training, optionally cached on disk per (dataset index, caption).
+
+    Called with captions (B strings), indices (B,) dataset indices and dropped (B,) bool (label dropout):
+    returns features (B, L, C) float32 padded to the longest caption and mask (B, L), 1 = token.
+    """
+
     def __init__(self, config: DictConfig, device: torch.device, output_dir: Path):
         name, self.max_length = text_encoder_settings(config)
         feature_dim = config.model.params.get("cross_attention_dim")

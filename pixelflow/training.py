@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +30,12 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .batching import assign_stages, pack_batch, per_image_mse
-from .checkpoint import (atomic_save, atomic_write, build_model, check_writable_folder, checkpoint_dir,
-                         list_checkpoints, load_weights, make_folder, read_state_dict, resolve_pretrained,
-                         scheduler_from_config)
+from .checkpoint import (CHECKPOINTS_DIR, MODEL_FILE, atomic_save, atomic_write, build_model, check_writable_folder,
+                         checkpoint_dir, list_checkpoints, load_config, load_weights, make_folder, read_state_dict,
+                         resolve_pretrained, scheduler_from_config)
 from .config import to_yaml, validate_train_config
-from .data import ResumableShardSampler, build_dataset, gather_examples, image_grid
+from .data import ResumableShardSampler, build_dataset, derive_seed, gather_examples, image_grid
+from .model import set_attention_backend
 
 log = logging.getLogger("pixelflow.train")
 
@@ -72,7 +73,6 @@ class Progress:
     epoch: int = 0
     position: int = 0      # batches done in the current epoch
     skipped_images: int = 0
-    history: list = field(default_factory=list)
     # The log window open at a checkpoint (loss summed over its steps, the mean over processes): a resumed
     # run's first log row then averages the same steps as the uninterrupted run's.
     window_loss: float = 0.0
@@ -81,7 +81,8 @@ class Progress:
 
 # ---------------------------------------------------------------------------- small pieces
 def step_seed(seed: int, rank: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """The seed of one process's random draws at one step (stages, model times, noise, label dropout)."""
+    return derive_seed(seed, rank, step)
 
 
 @torch.no_grad()
@@ -276,7 +277,7 @@ def save_checkpoint(output_dir: Path, config: DictConfig, model: torch.nn.Module
 def _write_checkpoint(tmp: Path, config: DictConfig, model: torch.nn.Module, ema: torch.nn.Module,
                       optimizer: torch.optim.Optimizer, progress: Progress, rng_states: list) -> None:
     atomic_write(tmp / "config.yaml", lambda p: Path(p).write_text(to_yaml(config)))
-    atomic_save({k: v.detach().float().cpu() for k, v in ema.state_dict().items()}, tmp / "model.pt")
+    atomic_save({k: v.detach().float().cpu() for k, v in ema.state_dict().items()}, tmp / MODEL_FILE)
     if os.environ.get(KILL_HOOK) == str(progress.step):
         os.kill(os.getpid(), signal.SIGKILL)
     atomic_save({
@@ -311,7 +312,7 @@ def _fsync_dir(path: Path) -> None:
 def recover_checkpoints(output_dir: Path) -> None:
     """Tidy OUTPUT/checkpoints after a kill: a step moved aside (.old-*) whose replacement never landed goes
     back; half-written folders (.tmp-*) and superseded ones are removed."""
-    root = output_dir / "checkpoints"
+    root = output_dir / CHECKPOINTS_DIR
     for old in root.glob(".old-*"):
         final = root / old.name.split("-")[1]
         if final.exists():
@@ -404,6 +405,7 @@ class Trainer:
                                              self.dist.world_size, seed=self.seed)  # checks the size first
         self.scheduler = scheduler_from_config(config)
         torch.manual_seed(self.seed)  # the same initial weights on every rank
+        set_attention_backend(config.train.attention)
         self.model = build_model(config, device=self.device)
         self._check_classes(config)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -467,7 +469,7 @@ class Trainer:
         return path
 
     def _load_resume(self, folder: Path) -> None:
-        saved = OmegaConf.load(folder / "config.yaml")
+        saved = load_config(folder)
         # What the weights mean (model), what they were trained to do (scheduler, text encoder), and the seed
         # every random draw comes from: none may change under a resumed run.
         for key in ("model", "scheduler", "text_encoder", "seed"):
@@ -479,7 +481,7 @@ class Trainer:
                                  "(--pretrained-model takes the weights)")
         state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
         load_weights(self.model, state["model"], source=str(folder / TRAINING_STATE))
-        load_weights(self.ema, read_state_dict(folder / "model.pt"), source=str(folder / "model.pt"))
+        load_weights(self.ema, read_state_dict(folder / MODEL_FILE), source=str(folder / MODEL_FILE))
         self.optimizer.load_state_dict(state["optimizer"])
         self._apply_optimizer_config()
         position = state["position"]
@@ -542,8 +544,7 @@ class Trainer:
             labels[drop] = self.model.null_label
             kwargs["class_labels"] = labels[packed.order].to(self.device)
         else:
-            captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
-            features, mask = self.text(captions, batch["indices"], drop)
+            features, mask = self.text(batch["captions"], batch["indices"], drop)  # dropped: the empty prompt
             kwargs["encoder_hidden_states"] = features[packed.order.to(self.device)]
             kwargs["encoder_attention_mask"] = mask[packed.order.to(self.device)]
         return packed, kwargs
@@ -698,19 +699,18 @@ class Trainer:
             raise RuntimeError(f"model weights differ across ranks: checksums {sums}")
         self._log(f"weights identical across {self.dist.world_size} ranks (checksum {sums[0][1]:.10e})")
 
-    def checkpoint(self, window_loss: torch.Tensor | None = None, window_steps: int = 0) -> Path | None:
+    def checkpoint(self, window_loss: torch.Tensor, window_steps: int) -> Path | None:
+        """Save a checkpoint (rank 0 writes; every process takes part). window_loss: () loss summed over the
+        open log window's window_steps steps on this process, saved as its mean over processes."""
         states = [rng_state()]
         if self.dist.initialized:
             states = [None] * self.dist.world_size
             torch.distributed.all_gather_object(states, rng_state())
-        if window_loss is not None:  # the open log window, as its mean over processes
-            window_loss = window_loss.detach().clone()
-            if self.dist.initialized:
-                torch.distributed.all_reduce(window_loss)
-                window_loss /= self.dist.world_size
-            self.progress.window_loss, self.progress.window_steps = float(window_loss), window_steps
-        else:
-            self.progress.window_loss, self.progress.window_steps = 0.0, 0
+        window_loss = window_loss.detach().clone()
+        if self.dist.initialized:
+            torch.distributed.all_reduce(window_loss)
+            window_loss /= self.dist.world_size
+        self.progress.window_loss, self.progress.window_steps = float(window_loss), window_steps
         path, error = None, None
         self._check_finite()
         skipped = self.total_skipped()

@@ -245,3 +245,13 @@ def test_one_image_per_request_and_a_bad_device_name(c2i):
     assert control.value == 1 and not control.interactive
     with pytest.raises(ValueError, match="--device 'foo' is not a device"):
         load_demo_pipeline(GOLDEN / "c2i_ckpt", device="foo")
+
+
+def test_app_caps_default_to_the_demo_s_own():
+    # app.py writes the caps' defaults out (its --help must not import gradio); they must stay the demo's.
+    import app
+
+    from pixelflow import demo
+    args = app.build_parser().parse_args(["--checkpoint", "x"])
+    assert (args.max_images, args.max_steps, args.max_queue) == (
+        demo.DEFAULT_MAX_IMAGES, demo.DEFAULT_MAX_STEPS, demo.DEFAULT_MAX_QUEUE)

@@ -57,6 +57,7 @@ def test_output_types(c2i_pipe):
 
     assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == (2, SIZE, SIZE, 3)
     assert isinstance(as_array, np.ndarray) and as_array.shape == (2, SIZE, SIZE, 3)
+    assert as_array.flags["C_CONTIGUOUS"] and as_tensor.is_contiguous()  # not a permuted view of (B, 3, H, W)
     assert as_array.dtype == np.float32
     assert as_array.min() >= 0.0 and as_array.max() <= 1.0 and as_array.std() > 0.05
     assert np.array_equal(as_array, as_tensor.numpy())
@@ -330,3 +331,36 @@ def test_half_weights_without_autocast_are_refused(c2i_pipe):
         sample(pipe)
     pipe.autocast_dtype = torch.bfloat16
     assert sample(pipe).shape == (2, SIZE, SIZE, 3)
+
+
+def test_a_misspelled_key_in_a_checkpoint_config_is_refused(tmp_path):
+    # num_stage (for num_stages) used to load silently and sample with the default 4 stages.
+    import shutil
+    import warnings
+
+    from conftest import C2I_CKPT
+    from pixelflow.pipeline import PixelFlowPipeline
+    folder = tmp_path / "ckpt"
+    shutil.copytree(C2I_CKPT, folder)
+    text = (folder / "config.yaml").read_text()
+    (folder / "config.yaml").write_text(text.replace("num_stages: 4", "num_stage: 3"))
+    with pytest.raises(ValueError, match="unknown config key 'scheduler.num_stage'"):
+        PixelFlowPipeline.from_pretrained(folder)
+    # Keys loading never reads (how the folder was trained) are named in a warning, not refused.
+    (folder / "config.yaml").write_text(text + "train:\n  lr: 1.0e-4\n  warmup: 10\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PixelFlowPipeline.from_pretrained(folder)
+    assert any("train.warmup" in str(w.message) for w in caught)
+
+
+def test_dopri5_guidance_state_does_not_depend_on_the_schedule_name(c2i_pipe):
+    # g = 1 gives weight 1 at every stage under either schedule. The release doubles the dopri5 state whenever
+    # g > 0, so both must run that doubled state and agree; "constant" used to drop it and differ.
+    args = dict(class_labels=[3, 7], height=SIZE, width=SIZE, guidance_scale=1.0, solver="dopri5",
+                output_type="pt")
+    ramp = c2i_pipe(generator=torch.Generator().manual_seed(5), **args)
+    constant = c2i_pipe(generator=torch.Generator().manual_seed(5), guidance_schedule="constant", **args)
+    assert torch.equal(ramp, constant)
+    with pytest.raises(ValueError, match="guidance_schedule must be one of .*'flat'"):
+        c2i_pipe(guidance_schedule="flat", **args)

@@ -183,7 +183,8 @@ def test_resume_refuses_other_settings(reference, capsys):
 def test_pending_batches_resample_partial_chunks_whole():
     chunks = sampling.chunks_for_rank(10, 4, 0, 1)  # [0..3] [4..7] [8, 9]
     done = {0, 2, 3, 4, 5, 6, 7}.__contains__
-    assert sampling.pending_batches(chunks, done) == [([0, 1, 2, 3], [1]), ([8, 9], [8, 9])]
+    # the short last chunk is sampled as a full batch, so its images do not depend on N
+    assert sampling.pending_batches(chunks, done, 4) == [([0, 1, 2, 3], [1]), ([8, 9, 10, 11], [8, 9])]
 
 
 def test_dopri5_resume_resamples_whole_batches(tmp_path):
@@ -202,6 +203,20 @@ def test_dopri5_resume_resamples_whole_batches(tmp_path):
     assert _pngs(folder) == first  # image 1 was remade in its original batch {0, 1}, so it is the same
     with pytest.raises(SystemExit):  # the batch size is part of a dopri5 folder's settings
         sample_ddp.main(_args(folder, 2, 1, "--use-ode-dopri5", "--cfg", "0", pretrained=ckpt))
+
+
+def test_dopri5_images_do_not_depend_on_the_number_of_samples(tmp_path):
+    # The short last batch used to hold only the images below N, so with dopri5 (one step size per batch) a
+    # folder extended from N = 3 to 4 kept images that a fresh N = 4 run makes otherwise.
+    ckpt = tmp_path / "c2i_16px"
+    ckpt.mkdir()
+    (ckpt / "model.pt").write_bytes((C2I / "model.pt").read_bytes())
+    (ckpt / "config.yaml").write_text((C2I / "config.yaml").read_text().replace("resolution: 32", "resolution: 16"))
+    extended, fresh = tmp_path / "extended", tmp_path / "fresh"
+    sample_ddp.main(_args(extended, 3, 2, "--use-ode-dopri5", "--cfg", "0", pretrained=ckpt))
+    sample_ddp.main(_args(extended, 4, 2, "--use-ode-dopri5", "--cfg", "0", pretrained=ckpt))
+    sample_ddp.main(_args(fresh, 4, 2, "--use-ode-dopri5", "--cfg", "0", pretrained=ckpt))
+    assert len(_pngs(fresh)) == 4 and _pngs(extended) == _pngs(fresh)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -351,10 +366,11 @@ def test_prompts_file_lines(tmp_path):
 
 
 def test_guidance_schedule_constant_is_g_at_every_stage():
-    from pixelflow.sampling import SampleOptions, check_options, guidance_weights
-    assert guidance_weights(SampleOptions(pretrained="x", cfg=1.5, guidance_schedule="constant"), 4) == [1.5] * 4
-    assert guidance_weights(SampleOptions(pretrained="x", cfg=1.5), 4) is None  # the pipeline's ramp
-    assert guidance_weights(SampleOptions(pretrained="x", cfg=0.0, guidance_schedule="constant"), 4) is None
+    from pixelflow.pipeline import stage_guidance_weights
+    from pixelflow.sampling import SampleOptions, check_options
+    assert stage_guidance_weights(1.5, 4, True, "constant") == [1.5] * 4
+    assert stage_guidance_weights(1.5, 4, True) == pytest.approx([1.0, 1 + 0.5 / 6, 1 + 0.5 * 2 / 3, 1.5])
+    assert stage_guidance_weights(0.0, 4, True, "constant") == [1.0] * 4
     with pytest.raises(ValueError, match="'flat'"):
         check_options(SampleOptions(pretrained="x", guidance_schedule="flat"))
 

@@ -22,13 +22,19 @@ _backend = "auto"
 _flash_varlen = None
 
 
-def set_attention_backend(name: str) -> None:
-    """Choose the packed-attention kernel: "auto" (flash-attn when usable), "sdpa" or "flash_attn"."""
-    global _backend
+def check_attention_backend(name: str) -> None:
+    """Refuse a packed-attention kernel name that is unknown, or flash_attn when flash-attn cannot be imported."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {_BACKENDS}")
     if name == "flash_attn" and _flash_attn_varlen() is None:
         raise ValueError("attention backend 'flash_attn' asked for, but flash-attn is not installed (pip install flash-attn)")
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose the packed-attention kernel (training's train.attention): "auto" (flash-attn's varlen kernel when
+    it is installed and the inputs are fp16/bf16 on CUDA), "sdpa" (pure PyTorch) or "flash_attn"."""
+    global _backend
+    check_attention_backend(name)
     _backend = name
 
 
@@ -69,8 +75,9 @@ class Run:
 class PackedLayout:
     """Where each image lives in a packed token sequence.
 
-    grid_sizes: side of each image's (square) token grid, in packed order.
-    cu_seqlens: (B+1,) int32 cumulative token counts on the model's device.
+    grid_sizes: side of each image's (square) token grid, in packed order; seqlens: its token count.
+    runs: consecutive images of one size (attended together on the pure-PyTorch path).
+    cu_seqlens: (B+1,) int32 cumulative token counts on the model's device; max_seqlen: the longest image.
     rope: (L, head_dim, 2) float32 RoPE table of every token.
     """
 
@@ -113,6 +120,7 @@ def make_packed_layout(grid_sizes: list[int], rope_table, device: torch.device |
 
 
 def make_runs(seqlens: list[int]) -> list[Run]:
+    """Group consecutive images of equal length into runs, each attended as one dense (n, seq_len) batch."""
     runs, start, i = [], 0, 0
     while i < len(seqlens):
         j = i

@@ -49,6 +49,7 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels: (B,) long in [0, num_classes] -> (B, D)."""
         return self.embedding_table(labels)
 
 
@@ -60,10 +61,13 @@ class AdaLNModulation(nn.Module):
         self.linear = nn.Linear(dim, 6 * dim)
 
     def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """c: (B, D) -> six (B, D) float32 tensors (the modulation stays in float32 under autocast)."""
         return self.linear(F.silu(c)).float().chunk(6, dim=-1)
 
 
 class FeedForward(nn.Module):
+    """fc2(GELU_tanh(fc1(x))), hidden width mult * D."""
+
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         self.fc1 = nn.Linear(dim, mult * dim)
@@ -74,6 +78,10 @@ class FeedForward(nn.Module):
 
 
 class PixelFlowBlock(nn.Module):
+    """adaLN-Zero transformer block: LayerNorm + modulation -> self-attention (RoPE) -> gated residual;
+    for text-to-image, RMSNorm -> cross-attention to the text -> residual; RMSNorm + modulation -> MLP ->
+    gated residual."""
+
     def __init__(self, dim: int, heads: int, head_dim: int, cross_attention_dim: int | None, bias: bool):
         super().__init__()
         self.norm1 = AdaLNModulation(dim)

@@ -153,6 +153,7 @@ class PixelFlowScheduler:
 
     # ---------------------------------------------------------------- training targets
     def stage_resolution(self, resolution: int, stage: int) -> int:
+        """Side of a stage's images for a final side `resolution`: halved once per later stage."""
         return resolution // 2 ** (self.num_stages - 1 - stage)
 
     def training_targets(self, images: torch.Tensor, stage: int, timestep_index: torch.Tensor,
