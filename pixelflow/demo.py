@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_config, resolve_pretrained, summarize_config
-from .distributed import parse_device
+from .distributed import resolve_device
 from .imagenet_classes import class_names
 from .pipeline import SOLVERS, PixelFlowPipeline
 
@@ -57,10 +57,6 @@ class DemoLimits:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_demo_pipeline(checkpoint: str | Path, device: str | torch.device | None = None,
                        class_cond: bool = False, fast: bool = True) -> PixelFlowPipeline:
     """Load a pretrained folder (or a training run's newest checkpoint) for the demo.
@@ -75,11 +71,9 @@ def load_demo_pipeline(checkpoint: str | Path, device: str | torch.device | None
     if class_cond and num_classes <= 0:
         raise ValueError(f"--class_cond was given but {str(folder)!r} is a text-to-image checkpoint "
                          f"(model.params.num_classes = {num_classes}); drop --class_cond, the config decides the mode")
-    device = parse_device(device or default_device())
+    device = resolve_device(device, local_rank=0)  # None: CUDA when available; a bare "cuda": the first GPU
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device} is not supported; expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for CUDA but torch sees no GPU; use --device cpu")
     autocast = torch.bfloat16 if device.type == "cuda" else None
     pipe = PixelFlowPipeline.from_pretrained(folder, device=device, autocast_dtype=autocast)
     if fast:

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .scheduler import PixelFlowScheduler
 from .text import DEFAULT_MAX_LENGTH
@@ -178,7 +177,7 @@ class PixelFlowPipeline:
         height = self.resolution if height is None else height
         width = self.resolution if width is None else width
         self._check_call(height, width, guidance_scale, solver, output_type, shift)
-        weights = stage_guidance_weights(guidance_scale, S, self.class_conditional, guidance_schedule)
+        weights = self._guidance_weights(guidance_scale, guidance_schedule, guidance_weights)
         if solver == "dopri5":
             atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
         self._check_weight_dtype()
@@ -187,26 +186,10 @@ class PixelFlowPipeline:
         height, width = int(height), int(width)
         steps = self._check_steps(num_inference_steps)
         conditions, batch = self._conditions(class_labels, prompt, negative_prompt, num_images_per_prompt)
-        if guidance_weights is not None:
-            weights = [float(w) for w in guidance_weights]
-            if len(weights) != S:
-                raise ValueError(f"guidance_weights needs one weight per stage ({S}), got {len(weights)}")
-            if not all(math.isfinite(w) and w >= 0 for w in weights):
-                raise ValueError(f"guidance_weights must be finite numbers >= 0, got {weights}")
         generators = self._check_generators(generator, batch)
-
-        device = self.device
-        h0, w0 = height // 2 ** (S - 1), width // 2 ** (S - 1)
-        if latents is None:
-            z = self._randn((batch, 3, h0, w0), generators, device)
-        else:
-            if not torch.is_tensor(latents):
-                raise ValueError(f"latents must be a tensor (B, 3, H, W), got {type(latents).__name__}")
-            if tuple(latents.shape) != (batch, 3, h0, w0):
-                raise ValueError(f"latents must be {(batch, 3, h0, w0)} for {height}x{width}, got {tuple(latents.shape)}")
-            z = latents.to(device=device, dtype=torch.float32)
+        z = self._initial_state(latents, batch, height, width, generators)
         if stage_noise is not None:  # rows past 2B are never read (past B, only by dopri5's shadow)
-            self._check_stage_noise(stage_noise, batch, h0, w0)
+            self._check_stage_noise(stage_noise, batch, *z.shape[-2:])
 
         # dopri5 as the release runs it: whenever guidance is on, the ODE state is doubled and the second half
         # (the "shadow") follows the first half's velocity but gets its own block noise at every stage. It never
@@ -220,9 +203,9 @@ class PixelFlowPipeline:
                 rows = 2 * batch if shadowed else batch
                 noise = self._stage_noise(stage, rows, z.shape, generators,
                                           None if stage_noise is None else stage_noise[stage - 1])
-                z = self._renoise(z, stage, noise[:batch])
+                z = self.scheduler.renoise(z, stage, noise[:batch])
                 if shadowed:
-                    shadow = self._renoise(shadow, stage, noise[batch:])
+                    shadow = self.scheduler.renoise(shadow, stage, noise[batch:])
             velocity = self._velocity_fn(z.shape, conditions, weights[stage])
             if solver == "euler":
                 z = self._euler(z, stage, steps[stage], shift, velocity, bar)
@@ -231,6 +214,32 @@ class PixelFlowPipeline:
                 bar.update(1)
         bar.close()
         return self._output(z, output_type)
+
+    def _guidance_weights(self, guidance_scale: float, schedule: str,
+                          given: Sequence[float] | None) -> list[float]:
+        """w_k per stage: the given ones (checked), else from guidance_scale and the schedule."""
+        S = self.scheduler.num_stages
+        weights = stage_guidance_weights(guidance_scale, S, self.class_conditional, schedule)
+        if given is not None:
+            weights = [float(w) for w in given]
+            if len(weights) != S:
+                raise ValueError(f"guidance_weights needs one weight per stage ({S}), got {len(weights)}")
+            if not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise ValueError(f"guidance_weights must be finite numbers >= 0, got {weights}")
+        return weights
+
+    def _initial_state(self, latents: torch.Tensor | None, batch: int, height: int, width: int,
+                       generators) -> torch.Tensor:
+        """Stage 0's noise (B, 3, H/2^(S-1), W/2^(S-1)) float32 on the device: the given latents, else drawn."""
+        scale = 2 ** (self.scheduler.num_stages - 1)
+        shape = (batch, 3, height // scale, width // scale)
+        if latents is None:
+            return self._randn(shape, generators, self.device)
+        if not torch.is_tensor(latents):
+            raise ValueError(f"latents must be a tensor (B, 3, H, W), got {type(latents).__name__}")
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must be {shape} for {height}x{width}, got {tuple(latents.shape)}")
+        return latents.to(device=self.device, dtype=torch.float32)
 
     def _stage_noise(self, stage: int, rows: int, shape, generators, given: torch.Tensor | None) -> torch.Tensor:
         """Block noise (rows, C, 2h, 2w) for the start of `stage`: the given tensor's first rows, else drawn.
@@ -252,11 +261,6 @@ class PixelFlowPipeline:
             return torch.cat([self._block_noise(b, c, h, w, generators),
                               self._block_noise(b, c, h, w, generators)])
         return self._block_noise(rows, c, h, w, generators)
-
-    def _renoise(self, z: torch.Tensor, stage: int, noise: torch.Tensor) -> torch.Tensor:
-        """z <- alpha * upsample(z) + beta * block_noise."""
-        alpha, beta = self.scheduler.renoise_coefficients(stage)
-        return alpha * F.interpolate(z, scale_factor=2, mode="nearest") + beta * noise
 
     def _euler(self, z, stage, steps, shift, velocity, bar) -> torch.Tensor:
         self.scheduler.set_timesteps(steps, stage, shift=shift)
@@ -283,7 +287,8 @@ class PixelFlowPipeline:
         return end[:batch], (None if shadow is None else end[batch:])
 
     def _velocity_fn(self, shape, conditions: dict, weight: float):
-        """v(z, T) for one stage: guided when weight != 1 (the null batch is skipped when it is exactly 1)."""
+        """v(z, T) for one stage: guided when weight != 1. The release runs the null batch whenever g > 0; at a
+        weight of exactly 1 we skip it, since v_null + 1 * (v_cond - v_null) is v_cond up to float rounding."""
         guided = weight != 1.0
         batch = shape[0]
         cond = conditions["cond"]

@@ -194,7 +194,7 @@ def test_loading_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="does not exist"):
         load_demo_pipeline(tmp_path / "missing", device="cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="torch sees no GPU; use --device cpu"):
+    with pytest.raises(ValueError, match="CUDA is not available; use --device cpu"):
         load_demo_pipeline(GOLDEN / "c2i_ckpt", device="cuda")
 
 

@@ -110,3 +110,16 @@ def test_set_timesteps_checks_its_arguments_and_takes_numpy_integers(scheduler):
         scheduler.set_timesteps(True, 0)
     with pytest.raises(ValueError, match="stage must be an int"):
         scheduler.set_timesteps(5, True)
+
+
+def test_renoise_upsamples_then_mixes_in_block_noise():
+    s = PixelFlowScheduler(1000, 4)
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    n = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    alpha, beta = s.renoise_coefficients(2)
+    out = s.renoise(z, 2, n)
+    assert out.shape == (2, 3, 8, 8)
+    # each 2x2 block of the upsampled image repeats one pixel of z
+    assert torch.allclose(out - beta * n, alpha * z.repeat_interleave(2, -1).repeat_interleave(2, -2), atol=1e-6)
+    with pytest.raises(ValueError, match="stage must be an int"):
+        s.renoise(z, 4, n)

@@ -87,6 +87,12 @@ class PixelFlowScheduler:
         beta = alpha * (1 - o) / math.sqrt(-self.gamma)
         return alpha, beta
 
+    def renoise(self, z: torch.Tensor, stage: int, block_noise: torch.Tensor) -> torch.Tensor:
+        """The start of stage > 0: z (B, C, h, w), the previous stage's end -> alpha * upsample(z) + beta * n,
+        (B, C, 2h, 2w), with n the block noise at the new size and upsample nearest-neighbour 2x."""
+        alpha, beta = self.renoise_coefficients(stage)
+        return alpha * F.interpolate(z, scale_factor=2, mode="nearest") + beta * block_noise
+
     def block_noise_cholesky(self, device=None) -> torch.Tensor:
         """Lower Cholesky factor (4, 4) of the 2x2-block covariance (1 - gamma) I + gamma 11^T + jitter I."""
         g = self.gamma
