@@ -77,6 +77,7 @@ def _check_keys(user: DictConfig, schema: DictConfig, path: tuple[str, ...] = ()
 # Sections of a pretrained folder's config.yaml that decide what its weights compute. A misspelled key in one of
 # these (say scheduler.num_stage) would otherwise sample with the default silently.
 _PRETRAINED_STRICT = ("model", "scheduler", "text_encoder")
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def check_pretrained_config(config: DictConfig, source: str) -> None:
@@ -105,7 +106,8 @@ def check_pretrained_config(config: DictConfig, source: str) -> None:
 
     rest = OmegaConf.masked_copy(config, [k for k in config.keys() if k not in _PRETRAINED_STRICT])
     collect(rest, schema, ())
-    if unknown:
+    if unknown and (source, tuple(unknown)) not in _WARNED:  # once per file: a run reads its config several times
+        _WARNED.add((source, tuple(unknown)))
         warnings.warn(f"{source}: config keys {unknown} are not known here and are ignored when loading", stacklevel=3)
 
 

@@ -258,6 +258,10 @@ def draw_shape(label: int, resolution: int, rng: np.random.Generator) -> Image.I
 
 
 # ---------------------------------------------------------------------------- sampling order
+# How an epoch's order is drawn; saved with each training checkpoint, so a resume can tell an older scheme.
+DATA_ORDER = "torch.randperm(derive_seed(seed, epoch))"
+
+
 class ResumableShardSampler(Sampler):
     """Per-epoch permutation from (seed, epoch), cut into world_size shards (rank r takes every
     world_size-th index), whole batches only, starting at a given batch of the epoch.
@@ -284,7 +288,8 @@ class ResumableShardSampler(Sampler):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
     def __iter__(self):
-        order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        order = torch.randperm(self.dataset_size, generator=generator)
         usable = self.batches_per_epoch * self.batch_size * self.world_size
         shard = order[:usable][self.rank::self.world_size]
         for index in shard[self.start_batch * self.batch_size:].tolist():

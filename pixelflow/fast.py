@@ -302,9 +302,10 @@ def block_forward(x: torch.Tensor, mod: torch.Tensor, rope: torch.Tensor, w: dic
     order, from a dict of (possibly merged) weights. Compiled as one region and reused by every block.
 
     x: (B, N, D); mod: (B, 6, D) float32 adaLN outputs (shift1, scale1, gate1, shift2, scale2, gate2);
-    rope: (N, head_dim, 2) float32; spec: the settings all blocks share (BlockSpec). pending: the previous block's MLP output and gate2, not yet added
-    to x (fused_residual). Returns (x, None), or with fused_residual (x, (mlp output, gate2)): this block's
-    residual, left for the next block's LayerNorm kernel (or the final layer's) to add.
+    rope: (N, head_dim, 2) float32; spec: the settings all blocks share (BlockSpec). pending: the previous block's
+    MLP output and gate2, not yet added to x (fused_residual). Returns (x, None), or with fused_residual (x, (mlp
+    output, gate2)): this block's residual, left for the next block's LayerNorm kernel (or the final layer's) to
+    add.
     """
     shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
     if pending is not None:

@@ -43,6 +43,7 @@ from .pipeline import GUIDANCE_SCHEDULES
 
 SETTINGS_FILE = "sampling_args.json"
 SETTINGS_FORMAT = 1
+DOPRI5_BATCHES = "full [c*B, (c+1)*B); doubled state whenever cfg > 0"
 
 # How a per-image seed is derived; part of the settings so a change of scheme can never mix images.
 SEED_SCHEME = "numpy.SeedSequence([global_seed, index]) -> uint64"
@@ -266,6 +267,9 @@ def sampling_settings(plan: SamplingPlan) -> dict:
         "solver": plan.solver,
         "num_steps_per_stage": plan.steps if plan.solver == "euler" else None,
         "local_batch_size": opts.local_batch_size if plan.solver == "dopri5" else None,
+        # How a dopri5 batch is formed (its images share one adaptive step size); earlier folders cut the last
+        # batch at N and kept no doubled state for --guidance-schedule constant --cfg 1, so they are refused.
+        "dopri5_batches": DOPRI5_BATCHES if plan.solver == "dopri5" else None,
         "cfg": float(opts.cfg),
         "guidance_schedule": opts.guidance_schedule,
         "shift": float(opts.shift),

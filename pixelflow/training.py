@@ -34,7 +34,7 @@ from .checkpoint import (CHECKPOINTS_DIR, MODEL_FILE, atomic_save, atomic_write,
                          checkpoint_dir, list_checkpoints, load_config, load_weights, make_folder, read_state_dict,
                          resolve_pretrained, scheduler_from_config)
 from .config import to_yaml, validate_train_config
-from .data import ResumableShardSampler, build_dataset, derive_seed, gather_examples, image_grid
+from .data import DATA_ORDER, ResumableShardSampler, build_dataset, derive_seed, gather_examples, image_grid
 from .model import set_attention_backend
 
 log = logging.getLogger("pixelflow.train")
@@ -291,6 +291,7 @@ def _write_checkpoint(tmp: Path, config: DictConfig, model: torch.nn.Module, ema
         "window_steps": progress.window_steps,
         "world_size": len(rng_states),
         "batch_size": int(config.data.batch_size),
+        "data_order": DATA_ORDER,
         "rng": rng_states,
     }, tmp / TRAINING_STATE)
     _fsync_dir(tmp)
@@ -373,6 +374,11 @@ class Trainer:
 
     def _check(self, config: DictConfig, options: TrainOptions) -> None:
         validate_train_config(config)
+        amp_dtype = autocast_dtype(config.train.precision, self.dist.device)
+        if config.train.attention == "flash_attn" and amp_dtype is None:
+            raise ValueError(f"train.attention=flash_attn needs bf16 on CUDA, but this run computes in float32 on "
+                             f"{self.dist.device} (train.precision={config.train.precision}); use "
+                             "train.attention=auto or sdpa")
         check_report_to(options.report_to)
         for name in ("logging_steps", "checkpoint_steps"):
             value = getattr(options, name)
@@ -493,6 +499,10 @@ class Trainer:
             self._log(f"WARNING: resuming a run of {saved[0]} process(es) x batch {saved[1]} with {now[0]} x {now[1]}: "
                       f"the rest of epoch {state['epoch']} starts at batch {position}; the steps are no longer "
                       "those of an uninterrupted run")
+        if state.get("data_order") != DATA_ORDER and position > 0:
+            self._log(f"WARNING: {folder} was saved by a version that ordered each epoch otherwise "
+                      f"({state.get('data_order', 'seed + epoch')!r}); the rest of epoch {state['epoch']} follows "
+                      "the current order, so some of its images repeat and others are left out")
         # skipped_images counts every process's skips; rank 0 carries the total on, the others add their own
         self.progress = Progress(step=state["step"], epoch=state["epoch"], position=position,
                                  skipped_images=state["skipped_images"] if self.dist.is_main else 0,

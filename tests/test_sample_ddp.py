@@ -205,7 +205,7 @@ def test_dopri5_resume_resamples_whole_batches(tmp_path):
         sample_ddp.main(_args(folder, 2, 1, "--use-ode-dopri5", "--cfg", "0", pretrained=ckpt))
 
 
-def test_dopri5_images_do_not_depend_on_the_number_of_samples(tmp_path):
+def test_dopri5_images_do_not_depend_on_the_number_of_samples(tmp_path, capsys):
     # The short last batch used to hold only the images below N, so with dopri5 (one step size per batch) a
     # folder extended from N = 3 to 4 kept images that a fresh N = 4 run makes otherwise.
     ckpt = tmp_path / "c2i_16px"
@@ -217,6 +217,13 @@ def test_dopri5_images_do_not_depend_on_the_number_of_samples(tmp_path):
     sample_ddp.main(_args(extended, 4, 2, "--use-ode-dopri5", "--cfg", "0", pretrained=ckpt))
     sample_ddp.main(_args(fresh, 4, 2, "--use-ode-dopri5", "--cfg", "0", pretrained=ckpt))
     assert len(_pngs(fresh)) == 4 and _pngs(extended) == _pngs(fresh)
+    # A dopri5 folder written before batches were always full (no such setting) is refused, not mixed.
+    record = json.loads((fresh / sampling.SETTINGS_FILE).read_text())
+    record["settings"].pop("dopri5_batches")
+    (fresh / sampling.SETTINGS_FILE).write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main(_args(fresh, 5, 2, "--use-ode-dopri5", "--cfg", "0", pretrained=ckpt))
+    assert e.value.code == 2 and "dopri5_batches" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -703,3 +703,22 @@ def test_train_attention_chooses_the_packed_attention_kernel(tmp_path, monkeypat
     if importlib.util.find_spec("flash_attn") is None:  # asked for but not installed: refused up front
         with pytest.raises(ValueError, match="train.attention='flash_attn'.*not installed"):
             validate_train_config(tiny_config("train.attention=flash_attn"))
+    # installed, but this run is in float32 on the CPU: refused before the output folder is made
+    monkeypatch.setattr(attention, "_flash_varlen", lambda *args: None)
+    with pytest.raises(ValueError, match="train.attention=flash_attn needs bf16 on CUDA"):
+        Trainer(tiny_config("train.attention=flash_attn"), TrainOptions(output_dir=str(tmp_path / "b")))
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="train.precision=bf16 needs CUDA"):
+        Trainer(tiny_config("train.precision=bf16"), TrainOptions(output_dir=str(tmp_path / "c")))
+    assert not (tmp_path / "c").exists()
+
+
+def test_resume_of_a_checkpoint_with_an_older_data_order_says_so(tmp_path):
+    Trainer(tiny_config("train.max_steps=2"), TrainOptions(str(tmp_path), checkpoint_steps=2, progress=False)).fit()
+    path = tmp_path / "checkpoints" / "0000002" / TRAINING_STATE
+    state = torch.load(path, weights_only=True)
+    assert state.pop("data_order")
+    torch.save(state, path)
+    Trainer(tiny_config("train.max_steps=3"), TrainOptions(str(tmp_path), resume=True, checkpoint_steps=3,
+                                                           progress=False))
+    assert "ordered each epoch otherwise ('seed + epoch')" in (tmp_path / "log.txt").read_text()
