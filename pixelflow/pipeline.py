@@ -185,11 +185,19 @@ class PixelFlowPipeline:
             raise ValueError("latents hold NaN or infinite values (in float32)")
         height, width = int(height), int(width)
         steps = self._check_steps(num_inference_steps)
-        conditions, batch = self._conditions(class_labels, prompt, negative_prompt, num_images_per_prompt)
+        make_conditions, batch = self._conditions(class_labels, prompt, negative_prompt, num_images_per_prompt)
         generators = self._check_generators(generator, batch)
-        z = self._initial_state(latents, batch, height, width, generators)
+        scale = 2 ** (S - 1)
+        shape = (batch, 3, height // scale, width // scale)
+        if latents is not None:
+            self._check_latents(latents, shape, height, width)
         if stage_noise is not None:  # rows past 2B are never read (past B, only by dopri5's shadow)
-            self._check_stage_noise(stage_noise, batch, *z.shape[-2:])
+            self._check_stage_noise(stage_noise, batch, *shape[-2:])
+        conditions = make_conditions()  # the text encoder runs once every input has passed its checks
+        if latents is None:
+            z = self._randn(shape, generators, self.device)
+        else:
+            z = latents.to(device=self.device, dtype=torch.float32)
 
         # dopri5 as the release runs it: whenever guidance is on, the ODE state is doubled and the second half
         # (the "shadow") follows the first half's velocity but gets its own block noise at every stage. It never
@@ -228,18 +236,13 @@ class PixelFlowPipeline:
                 raise ValueError(f"guidance_weights must be finite numbers >= 0, got {weights}")
         return weights
 
-    def _initial_state(self, latents: torch.Tensor | None, batch: int, height: int, width: int,
-                       generators) -> torch.Tensor:
-        """Stage 0's noise (B, 3, H/2^(S-1), W/2^(S-1)) float32 on the device: the given latents, else drawn."""
-        scale = 2 ** (self.scheduler.num_stages - 1)
-        shape = (batch, 3, height // scale, width // scale)
-        if latents is None:
-            return self._randn(shape, generators, self.device)
+    @staticmethod
+    def _check_latents(latents, shape: tuple[int, ...], height: int, width: int) -> None:
+        """Given stage-0 noise must be a tensor of shape (B, 3, H/2^(S-1), W/2^(S-1))."""
         if not torch.is_tensor(latents):
             raise ValueError(f"latents must be a tensor (B, 3, H, W), got {type(latents).__name__}")
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents must be {shape} for {height}x{width}, got {tuple(latents.shape)}")
-        return latents.to(device=self.device, dtype=torch.float32)
 
     def _stage_noise(self, stage: int, rows: int, shape, generators, given: torch.Tensor | None) -> torch.Tensor:
         """Block noise (rows, C, 2h, 2w) for the start of `stage`: the given tensor's first rows, else drawn.
@@ -313,8 +316,9 @@ class PixelFlowPipeline:
         return velocity
 
     # ------------------------------------------------------------------ inputs
-    def _conditions(self, class_labels, prompt, negative_prompt, num_images_per_prompt) -> tuple[dict, int]:
-        """Model keyword arguments for the conditional batch ("cond") and the [cond; null] batch ("both")."""
+    def _conditions(self, class_labels, prompt, negative_prompt, num_images_per_prompt):
+        """Check the conditions -> (make, B): make() gives the model keyword arguments for the conditional batch
+        ("cond") and the [cond; null] batch ("both"), running the text encoder only when called."""
         device = self.device
         if self.class_conditional:
             if prompt is not None:
@@ -345,7 +349,8 @@ class PixelFlowPipeline:
                                  f"the model has {num_classes} classes")
             labels = labels.repeat_interleave(num_images_per_prompt).to(device)
             null = torch.full_like(labels, self.model.null_label)
-            return {"cond": {"class_labels": labels}, "both": {"class_labels": torch.cat([labels, null])}}, len(labels)
+            conditions = {"cond": {"class_labels": labels}, "both": {"class_labels": torch.cat([labels, null])}}
+            return (lambda: conditions), len(labels)
 
         if class_labels is not None:
             raise ValueError("this is a text-to-image model: pass prompt, not class_labels")
@@ -359,13 +364,17 @@ class PixelFlowPipeline:
         negatives = [negative] * len(prompts) if isinstance(negative, str) else _strings("negative_prompt", negative)
         if len(negatives) != len(prompts):
             raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
-        features, mask = self.encode_prompt(prompts + negatives)
-        features = features.repeat_interleave(num_images_per_prompt, dim=0)
-        mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
         batch = len(prompts) * num_images_per_prompt
-        cond = {"encoder_hidden_states": features[:batch], "encoder_attention_mask": mask[:batch]}
-        both = {"encoder_hidden_states": features, "encoder_attention_mask": mask}
-        return {"cond": cond, "both": both}, batch
+
+        def make() -> dict:
+            features, mask = self.encode_prompt(prompts + negatives)
+            features = features.repeat_interleave(num_images_per_prompt, dim=0)
+            mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
+            cond = {"encoder_hidden_states": features[:batch], "encoder_attention_mask": mask[:batch]}
+            both = {"encoder_hidden_states": features, "encoder_attention_mask": mask}
+            return {"cond": cond, "both": both}
+
+        return make, batch
 
     def _check_steps(self, num_inference_steps) -> list[int]:
         S = self.scheduler.num_stages

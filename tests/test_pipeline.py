@@ -368,3 +368,18 @@ def test_dopri5_guidance_state_does_not_depend_on_the_schedule_name(c2i_pipe):
     assert torch.equal(ramp, constant)
     with pytest.raises(ValueError, match="guidance_schedule must be one of .*'flat'"):
         c2i_pipe(guidance_schedule="flat", **args)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stage_noise=[torch.zeros(2, 3, 8, 8)] * 2), "stage_noise"),
+    (dict(latents=torch.zeros(1, 3, 4, 4)), "latents must be"),
+    (dict(generator=[torch.Generator()]), "generator"),
+])
+def test_text_inputs_are_checked_before_the_text_encoder_runs(t2i_pipe, monkeypatch, kwargs, message):
+    # The prompts used to be encoded first, so a bad stage_noise cost a T5 forward (seconds for flan-t5-xl).
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the text encoder ran before the inputs were checked")
+
+    monkeypatch.setattr(t2i_pipe, "encode_prompt", no_encoder)
+    with pytest.raises(ValueError, match=message):
+        text_sample(t2i_pipe, **kwargs)
