@@ -41,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port, default=7860, help="port to serve on (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available); bf16 autocast on cuda")
     # The caps' defaults are pixelflow.demo's DEFAULT_MAX_*, written out so that --help does not import gradio.
-    p.add_argument("--max-images", type=positive_int, default=8, help="cap on images per request")
-    p.add_argument("--max-steps", type=positive_int, default=100, help="cap on Euler steps per stage")
-    p.add_argument("--max-queue", type=positive_int, default=16, help="requests that may wait in the queue")
+    p.add_argument("--max-images", type=positive_int, default=8, help="cap on images per request (default: %(default)s)")
+    p.add_argument("--max-steps", type=positive_int, default=100,
+                   help="cap on Euler steps per stage (default: %(default)s)")
+    p.add_argument("--max-queue", type=positive_int, default=16,
+                   help="requests that may wait in the queue (default: %(default)s)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--no-fast", dest="fast", action="store_false",
                    help="run the plain model instead of the fast path (pixelflow.fast; CUDA only)")

@@ -20,13 +20,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override config entries, e.g. train.max_steps=200 data.root=/data")
     parser.add_argument("--output-dir", default="./exp0001", help="run folder: checkpoints/, samples/, metrics.jsonl")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    parser.add_argument("--logging-steps", type=int, default=10, help="log loss and throughput every N steps")
-    parser.add_argument("--checkpoint-steps", type=int, default=1000, help="write a checkpoint every N steps")
+    parser.add_argument("--logging-steps", type=int, default=10,
+                        help="log loss and throughput every N steps to log.txt and metrics.jsonl (default: %(default)s)")
+    parser.add_argument("--checkpoint-steps", type=int, default=1000,
+                        help="write a checkpoint every N steps (default: %(default)s)")
     parser.add_argument("--pretrained-model", default=None,
                         help="start from these weights: a model.pt / .safetensors or a pretrained folder")
     parser.add_argument("--report-to", default=None, choices=["tensorboard", "wandb", "none"],
                         help="also log to tensorboard or wandb")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.txt)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar; the loss rows then go to the console too (always to log.txt)")
     return parser.parse_intermixed_args(argv)
 
 

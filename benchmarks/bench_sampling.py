@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              resolution)
         name = "tiny c2i" if args.tiny else "XL c2i (random weights)"
     n_params = sum(p.numel() for p in pipe.model.parameters())
-    print(f"# PixelFlow sampling benchmark: {name}, {n_params / 1e6:.1f}M parameters, {device} "
+    print(f"# PixelFlow sampling benchmark: {name}, {n_params:,} parameters, {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), torch {torch.__version__}")
     print(f"# {resolution} px, {NUM_STAGES} x {steps} Euler steps, guidance {args.guidance}, batch sizes {batch_sizes}")
 

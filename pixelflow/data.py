@@ -351,10 +351,14 @@ def image_grid(images: np.ndarray, columns: int) -> Image.Image:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a synthetic image-caption folder for text-to-image training.")
+    parser = argparse.ArgumentParser(prog="python -m pixelflow.data",
+                                     description="Write a synthetic image-caption folder for text-to-image training "
+                                                 "(coloured shapes captioned e.g. 'a red disc'; see configs/tiny_t2i.yaml).")
     parser.add_argument("root", help="folder to create (images/ and captions.jsonl)")
-    parser.add_argument("--count", type=int, default=512)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--count", type=int, default=512, help="images to write (default: %(default)s)")
+    parser.add_argument("--resolution", type=int, default=32, help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--classes", type=int, default=4,
+                        help=f"shape-and-colour kinds, at most {len(SYNTHETIC_SHAPES)} (default: %(default)s)")
     args = parser.parse_args()
-    print(write_synthetic_captions(args.root, args.count, args.resolution, args.classes))
+    root = write_synthetic_captions(args.root, args.count, args.resolution, args.classes)
+    print(f"wrote {args.count} images of {args.resolution} px and their captions to {root}")

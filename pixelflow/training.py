@@ -129,7 +129,9 @@ def setup_logging(output_dir: Path, is_main: bool) -> None:
     if not is_main:
         return
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(output_dir / "log.txt"), logging.StreamHandler(sys.stderr)):
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))  # e.g. loss rows under a progress bar
+    for handler in (logging.FileHandler(output_dir / "log.txt"), console):
         handler.setFormatter(fmt)
         log.addHandler(handler)
 
@@ -429,10 +431,12 @@ class Trainer:
         if self.resume_from is not None:
             self._load_resume(self.resume_from)
         elif options.pretrained_model is not None:
-            state = read_state_dict(self._pretrained_weights())
+            weights = self._pretrained_weights()
+            state = read_state_dict(weights)
             built_from = "the training config's model.params"
             load_weights(self.model, state, source=options.pretrained_model, model_from=built_from)
             load_weights(self.ema, state, source=options.pretrained_model, model_from=built_from)
+            self._log(f"model and EMA initialised from {weights}")
 
     # -- setup helpers
     def _remove_new_output_dir(self) -> None:
@@ -660,6 +664,10 @@ class Trainer:
                                "grad_norm": grad_norm.item(), "lr": self.optimizer.param_groups[0]["lr"],
                                "images_per_s": window_images / elapsed, "skipped_images": skipped}
                     reporter(metrics)
+                    if self.dist.is_main:  # the console shows it in the progress bar, when there is one
+                        log.info(f"step {p.step}: loss {metrics['loss']:.5f}, grad norm {metrics['grad_norm']:.4f}, "
+                                 f"lr {metrics['lr']:.3g}, {metrics['images_per_s']:.1f} images/s",
+                                 extra={"file_only": bar is not None})
                     if bar is not None:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
                     loss_sum.zero_()

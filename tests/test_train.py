@@ -527,6 +527,7 @@ def test_pretrained_model_flag_starts_from_given_weights(tmp_path):
     state = torch.load(GOLDEN / "c2i_ckpt" / "model.pt", weights_only=True)
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, state[name]) and torch.equal(trainer.ema.state_dict()[name], state[name])
+    assert f"initialised from {GOLDEN / 'c2i_ckpt' / 'model.pt'}" in (tmp_path / "log.txt").read_text()
     with pytest.raises(ValueError, match="does not exist"):
         Trainer(config, TrainOptions(str(tmp_path / "b"), pretrained_model="/no/such/weights.pt"))
 
@@ -722,3 +723,15 @@ def test_resume_of_a_checkpoint_with_an_older_data_order_says_so(tmp_path):
     Trainer(tiny_config("train.max_steps=3"), TrainOptions(str(tmp_path), resume=True, checkpoint_steps=3,
                                                            progress=False))
     assert "ordered each epoch otherwise ('seed + epoch')" in (tmp_path / "log.txt").read_text()
+
+
+def test_loss_rows_go_to_the_log_file_and_without_a_bar_to_the_console(tmp_path, capfd):
+    Trainer(tiny_config("train.max_steps=4"), TrainOptions(str(tmp_path / "a"), logging_steps=2, checkpoint_steps=4,
+                                                          progress=False)).fit()
+    rows = [line for line in (tmp_path / "a" / "log.txt").read_text().splitlines() if ": loss " in line]
+    assert [row.split()[2] for row in rows] == ["2:", "4:"]
+    assert "step 4: loss" in capfd.readouterr().err
+    Trainer(tiny_config("train.max_steps=2"), TrainOptions(str(tmp_path / "b"), logging_steps=2, checkpoint_steps=2,
+                                                          progress=True)).fit()
+    assert "step 2: loss" in (tmp_path / "b" / "log.txt").read_text()
+    assert "step 2: loss" not in capfd.readouterr().err  # the progress bar shows it there
