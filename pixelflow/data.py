@@ -22,7 +22,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed mixed from (seed, keys...), e.g. (seed, epoch): distinct tuples give unrelated streams
     (a plain seed + epoch would give seed 42's second epoch the order of seed 43's first)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def sample_generator(seed: int, *keys: int) -> np.random.Generator:

@@ -43,8 +43,8 @@ Guided sampling already skips the unconditional half where the guidance weight i
 class-to-image; see PixelFlowPipeline._velocity_fn), and the sampling loop reads no device values.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library.custom_op reads the annotations of the ops defined
+# here, and before torch 2.5 it cannot read them as strings.
 import contextlib
 import importlib.util
 import inspect

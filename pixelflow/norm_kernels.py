@@ -17,8 +17,8 @@ where layer_norm returns bf16 and the model rounds there. The kernels use float3
 autocast does.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library.custom_op reads the annotations of the ops defined
+# here, and before torch 2.5 it cannot read them as strings.
 import contextlib
 import os
 

@@ -98,7 +98,7 @@ def generate_in_page(page, url: str, class_name: str | None = None, prompt: str 
     page.goto(url)
     page.wait_for_selector("#pf-generate", timeout=30_000)
     if class_name is not None:
-        box = page.locator("#pf-class input[role=combobox]")
+        box = page.locator("#pf-class input")  # role "listbox" before gradio 6.19, "combobox" after
         box.click()
         box.press("Control+a")  # replace the default class; the list filters on key presses, not on fill()
         box.press_sequentially(class_name)
