@@ -353,7 +353,8 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(prog="python -m pixelflow.data",
                                      description="Write a synthetic image-caption folder for text-to-image training "
-                                                 "(coloured shapes captioned e.g. 'a red disc'; see configs/tiny_t2i.yaml).")
+                                                 "(coloured shapes captioned e.g. 'a red disc'; see "
+                                                 "configs/tiny_t2i.yaml).")
     parser.add_argument("root", help="folder to create (images/ and captions.jsonl)")
     parser.add_argument("--count", type=int, default=512, help="images to write (default: %(default)s)")
     parser.add_argument("--resolution", type=int, default=32, help="image side in pixels (default: %(default)s)")

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .scheduler import PixelFlowScheduler
-from .text import DEFAULT_MAX_LENGTH
 from .scheduler.scheduling_pixelflow import randn
+from .text import DEFAULT_MAX_LENGTH
 
 if TYPE_CHECKING:  # omegaconf is needed only to load a pretrained folder (from_pretrained imports it then)
     from omegaconf import DictConfig

@@ -88,7 +88,8 @@ def load_text_encoder(name: str, device: torch.device | str = "cpu", text_encode
     if text_encoder is None or tokenizer is None:
         if name == TINY_RANDOM_T5:
             tiny_encoder, tiny_tokenizer = build_tiny_text_encoder(d_model=feature_dim or 32)
-            text_encoder, tokenizer = text_encoder or tiny_encoder, tokenizer or tiny_tokenizer
+            text_encoder = tiny_encoder if text_encoder is None else text_encoder
+            tokenizer = tiny_tokenizer if tokenizer is None else tokenizer
         else:
             from transformers import AutoTokenizer, T5EncoderModel
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
