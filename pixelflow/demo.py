@@ -27,7 +27,7 @@ from PIL import Image
 from .checkpoint import load_config, resolve_pretrained, summarize_config
 from .distributed import resolve_device
 from .imagenet_classes import class_names
-from .pipeline import SOLVERS, PixelFlowPipeline
+from .pipeline import SOLVERS, PixelFlowPipeline, steps_per_stage
 
 DEFAULT_MAX_IMAGES = 8        # images per request
 DEFAULT_MAX_STEPS = 100       # Euler steps per stage
@@ -150,16 +150,17 @@ class DemoGenerator:
             except ValueError:
                 raise gr.Error(f"steps per stage must be one whole number or {S} of them separated by commas "
                                f"(e.g. 30 or 10,10,20,30), got {steps!r}") from None
-        if len(values) not in (1, S):
-            raise gr.Error(f"give one step count for every stage or {S} of them (one per stage), "
-                           f"got {len(values)}: {steps!r}")
+        if not values:
+            raise gr.Error(f"give one step count for every stage or {S} of them (one per stage), got {steps!r}")
         if any(not math.isfinite(v) or not float(v).is_integer() for v in values):
             raise gr.Error(f"steps per stage must be whole numbers, got {steps!r}")
-        values = [int(v) for v in values]
-        bad = [v for v in values if not 1 <= v <= cap]
+        bad = [int(v) for v in values if not 1 <= v <= cap]
         if bad:
             raise gr.Error(f"steps per stage must be between 1 and {cap} (this demo's cap), got {bad[0]}")
-        return values * S if len(values) == 1 else values
+        try:
+            return steps_per_stage(values, S, "steps per stage")
+        except ValueError as error:
+            raise gr.Error(f"{error}; e.g. 30 or 10,10,20,30") from None
 
     def _check_number(self, name: str, value: Any, low: float, high: float) -> float:
         try:

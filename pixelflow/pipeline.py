@@ -41,6 +41,21 @@ def guidance_ramp(num_stages: int) -> tuple[float, ...]:
 GUIDANCE_SCHEDULES = ("ramp", "constant")
 
 
+def steps_per_stage(steps: Sequence[int], num_stages: int, name: str = "num_inference_steps") -> list[int]:
+    """Euler steps for every stage from one count (used at every stage) or one count per stage.
+
+    The one rule behind the pipeline's num_inference_steps, sample_ddp's --num-steps-per-stage and the demo's
+    steps box; name is how the caller's user knows the value. Raises ValueError naming the bad value.
+    """
+    steps = [int(s) for s in steps]
+    if len(steps) not in (1, num_stages):
+        raise ValueError(f"{name} takes one step count for every stage or one per stage ({num_stages} stages), "
+                         f"got {len(steps)} values {steps}")
+    if min(steps) < 1:
+        raise ValueError(f"{name} must be >= 1 at every stage, got {steps}")
+    return steps * num_stages if len(steps) == 1 else steps
+
+
 def stage_guidance_weights(guidance_scale: float, num_stages: int, class_conditional: bool,
                            schedule: str = "ramp") -> list[float]:
     """Per-stage guidance weights w_k. Class-to-image ramps (guidance_ramp); text-to-image, and the schedule
@@ -377,22 +392,12 @@ class PixelFlowPipeline:
         return make, batch
 
     def _check_steps(self, num_inference_steps) -> list[int]:
-        S = self.scheduler.num_stages
         if torch.is_tensor(num_inference_steps) and not num_inference_steps.is_floating_point():
             num_inference_steps = num_inference_steps.tolist()
-        if isinstance(num_inference_steps, (int, np.integer)) and not isinstance(num_inference_steps, bool):
-            steps = [int(num_inference_steps)] * S
-        else:
-            given = [num_inference_steps] if np.ndim(num_inference_steps) == 0 else list(num_inference_steps)
-            if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in given):
-                raise ValueError(f"num_inference_steps must be an int or one int per stage, got {num_inference_steps!r}")
-            steps = [int(s) for s in given]
-            if len(steps) != S:
-                raise ValueError(f"num_inference_steps needs one int per stage ({S}), got {len(steps)}: "
-                                 f"{list(num_inference_steps)}")
-        if min(steps) < 1:
-            raise ValueError(f"num_inference_steps must be >= 1 at every stage, got {steps}")
-        return steps
+        given = [num_inference_steps] if np.ndim(num_inference_steps) == 0 else list(num_inference_steps)
+        if not given or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in given):
+            raise ValueError(f"num_inference_steps must be an int or one int per stage, got {num_inference_steps!r}")
+        return steps_per_stage(given, self.scheduler.num_stages)
 
     def _check_call(self, height, width, guidance_scale, solver, output_type, shift) -> None:
         m = self.size_multiple

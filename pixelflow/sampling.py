@@ -39,7 +39,7 @@ from .checkpoint import (CHECKPOINTS_DIR, FolderError, WeightsError, atomic_writ
                          load_config, make_folder, resolve_pretrained, summarize_config)
 from .distributed import (DistributedContext, agree, all_gather, all_reduce_sum, barrier, cleanup, init_distributed,
                           resolve_device)
-from .pipeline import GUIDANCE_SCHEDULES
+from .pipeline import GUIDANCE_SCHEDULES, steps_per_stage
 
 SETTINGS_FILE = "sampling_args.json"
 SETTINGS_FORMAT = 1
@@ -432,12 +432,7 @@ def plan_sampling(opts: SampleOptions) -> SamplingPlan:
     summary = summarize_config(config)
     model_classes, num_stages, resolution = summary.num_classes, summary.num_stages, summary.resolution
 
-    steps = [int(s) for s in opts.num_steps_per_stage]
-    if len(steps) == 1:
-        steps = steps * num_stages
-    elif len(steps) != num_stages:
-        raise ValueError(f"--num-steps-per-stage takes one int or one per stage; the model has {num_stages} "
-                         f"stages, got {len(steps)} values {steps}")
+    steps = steps_per_stage(opts.num_steps_per_stage, num_stages, "--num-steps-per-stage")
 
     prompts = None
     if model_classes > 0:

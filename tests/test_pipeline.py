@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelflow.pipeline import stage_guidance_weights
+from pixelflow.pipeline import stage_guidance_weights, steps_per_stage
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -207,6 +207,19 @@ def test_bad_input_is_rejected_before_any_network_call(c2i_pipe, monkeypatch, kw
 def test_steps_may_be_an_integer_tensor(c2i_pipe):
     expected = sample(c2i_pipe, num_inference_steps=[1, 2, 1, 2])
     assert torch.equal(sample(c2i_pipe, num_inference_steps=torch.tensor([1, 2, 1, 2])), expected)
+
+
+def test_one_step_count_serves_every_stage_in_any_form(c2i_pipe):
+    """The pipeline, sample_ddp and the demo share steps_per_stage: one count is used at every stage."""
+    assert steps_per_stage([2], 4) == [2, 2, 2, 2] and steps_per_stage((1, 2, 3), 3, "x") == [1, 2, 3]
+    expected = sample(c2i_pipe, num_inference_steps=[2, 2, 2, 2])
+    for steps in (2, [2], np.int64(2), torch.tensor([2])):
+        assert torch.equal(sample(c2i_pipe, num_inference_steps=steps), expected)
+    with pytest.raises(ValueError, match=r"--steps takes one step count for every stage or one per stage "
+                                         r"\(4 stages\), got 2 values \[1, 2\]"):
+        steps_per_stage([1, 2], 4, "--steps")
+    with pytest.raises(ValueError, match=r"--steps must be >= 1 at every stage, got \[1, 0, 1, 1\]"):
+        steps_per_stage([1, 0, 1, 1], 4, "--steps")
 
 
 def test_given_noise_alone_decides_dopri5_with_guidance(c2i_pipe):

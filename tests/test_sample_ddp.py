@@ -231,7 +231,8 @@ def test_dopri5_images_do_not_depend_on_the_number_of_samples(tmp_path, capsys):
     (["--num-fid-samples", "0"], "--num-fid-samples must be >= 1, got 0"),
     (["--num-classes", "10"], "--num-classes 10 disagrees"),
     (["--num-steps-per-stage", "0"], "got [0]"),
-    (["--num-steps-per-stage", "2", "2"], "4 stages, got 2 values"),
+    (["--num-steps-per-stage", "2", "2"], "--num-steps-per-stage takes one step count for every stage or one per "
+                                          "stage (4 stages), got 2 values"),
     (["--local-batch-size", "0"], "--local-batch-size must be >= 1, got 0"),
     (["--cfg", "-1"], "--cfg must be a finite number >= 0"),
     (["--prompts", str(REPO / "tests" / "golden" / "README.md")], "class-to-image checkpoint"),
