@@ -144,6 +144,19 @@ def summarize_config(config: DictConfig) -> ConfigSummary:
     )
 
 
+def check_sampling_resolution(config: DictConfig, source: str) -> int:
+    """data.resolution of a checkpoint's config, the size the scripts sample at, checked before any weights load
+    (config.check_resolution); source names the file in the error."""
+    from .config import check_resolution
+
+    summary = summarize_config(config)
+    try:
+        check_resolution(summary.resolution, build_model(config, meta=True).patch_size, summary.num_stages)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return summary.resolution
+
+
 def scheduler_from_config(config: DictConfig):
     """The PixelFlowScheduler a config describes."""
     from .scheduler import PixelFlowScheduler

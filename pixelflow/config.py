@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -141,6 +141,16 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     return config
 
 
+def check_resolution(resolution: Any, patch_size: int, num_stages: int) -> None:
+    """data.resolution must give every stage a whole number of patches: a positive multiple of
+    patch_size * 2^(num_stages-1). Raises ValueError naming the values."""
+    multiple = patch_size * 2 ** (num_stages - 1)
+    if not _is_int(resolution) or resolution < multiple or resolution % multiple:
+        raise ValueError(f"data.resolution={resolution} must be a positive multiple of {multiple} "
+                         f"(model.params.patch_size {patch_size} x 2^(num_stages-1) with scheduler.num_stages "
+                         f"{num_stages})")
+
+
 def validate_train_config(config: DictConfig) -> None:
     """Check a training config before any work starts; errors name the key, the value and what is expected."""
     from .checkpoint import build_model
@@ -157,10 +167,7 @@ def validate_train_config(config: DictConfig) -> None:
     model = build_model(config, meta=True)  # constructor checks model.params by name and value
     stages = int(scheduler.num_stages)
     data, train = config.data, config.train
-    multiple = model.patch_size * 2 ** (stages - 1)
-    if not _is_int(data.resolution) or data.resolution < multiple or data.resolution % multiple:
-        raise ValueError(f"data.resolution={data.resolution} must be a positive multiple of {multiple} "
-                         f"(model.params.patch_size {model.patch_size} x 2^(num_stages-1) with num_stages {stages})")
+    check_resolution(data.resolution, model.patch_size, stages)
     if not _is_int(data.batch_size) or data.batch_size < stages:
         raise ValueError(f"data.batch_size={data.batch_size} must be at least scheduler.num_stages={stages}: "
                          "every batch trains each stage")
@@ -189,6 +196,10 @@ def validate_train_config(config: DictConfig) -> None:
                          f"got {model.num_classes}")
     if data.name != "captions" and model.num_classes == 0:
         raise ValueError(f"data.name={data.name} gives class labels but model.params.num_classes is 0")
+    if data.name != "captions" and model.cross_attention_dim is not None:
+        raise ValueError(f"data.name={data.name} gives class labels, no captions, but model.params.cross_attention_dim="
+                         f"{model.cross_attention_dim} makes a text-conditioned model; leave cross_attention_dim unset "
+                         "(null) for class-to-image, or train it on data.name=captions")
     if data.name == "synthetic" and data.synthetic_classes > model.num_classes:
         raise ValueError(f"data.synthetic_classes={data.synthetic_classes} exceeds model.params.num_classes="
                          f"{model.num_classes}")

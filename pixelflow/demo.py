@@ -24,7 +24,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from .checkpoint import load_config, resolve_pretrained, summarize_config
+from .checkpoint import check_sampling_resolution, load_config, resolve_pretrained, summarize_config
 from .distributed import resolve_device
 from .imagenet_classes import class_names
 from .pipeline import SOLVERS, PixelFlowPipeline, steps_per_stage
@@ -68,6 +68,7 @@ def load_demo_pipeline(checkpoint: str | Path, device: str | torch.device | None
     folder = resolve_pretrained(checkpoint)
     config = load_config(folder)
     num_classes = summarize_config(config).num_classes
+    check_sampling_resolution(config, str(folder / "config.yaml"))  # every request samples at this size
     if class_cond and num_classes <= 0:
         raise ValueError(f"--class_cond was given but {str(folder)!r} is a text-to-image checkpoint "
                          f"(model.params.num_classes = {num_classes}); drop --class_cond, the config decides the mode")
@@ -149,7 +150,7 @@ class DemoGenerator:
                 values = [float(p) for p in parts]
             except ValueError:
                 raise gr.Error(f"steps per stage must be one whole number or {S} of them separated by commas "
-                               f"(e.g. 30 or 10,10,20,30), got {steps!r}") from None
+                               f"(e.g. {self._steps_example}), got {steps!r}") from None
         if not values:
             raise gr.Error(f"give one step count for every stage or {S} of them (one per stage), got {steps!r}")
         if any(not math.isfinite(v) or not float(v).is_integer() for v in values):
@@ -160,7 +161,12 @@ class DemoGenerator:
         try:
             return steps_per_stage(values, S, "steps per stage")
         except ValueError as error:
-            raise gr.Error(f"{error}; e.g. 30 or 10,10,20,30") from None
+            raise gr.Error(f"{error}; e.g. {self._steps_example}") from None
+
+    @property
+    def _steps_example(self) -> str:
+        per_stage = ",".join(["10"] * (self.num_stages - 1) + ["30"])
+        return "30" if self.num_stages == 1 else f"30 or {per_stage}"
 
     def _check_number(self, name: str, value: Any, low: float, high: float) -> float:
         try:
@@ -228,7 +234,7 @@ class DemoGenerator:
             try:
                 images = self.pipe(**inputs, num_inference_steps=steps_per_stage, guidance_scale=guidance_scale,
                                    shift=shift, solver=solver, generator=generators, output_type="pil")
-            except ValueError as e:  # the pipeline's own checks; their messages name the value and the range
+            except (ValueError, FloatingPointError) as e:  # the pipeline's checks (and NaN samples) name the value
                 raise gr.Error(str(e)) from None
             seconds = time.perf_counter() - start
 

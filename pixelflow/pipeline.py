@@ -49,7 +49,8 @@ def steps_per_stage(steps: Sequence[int], num_stages: int, name: str = "num_infe
     """
     steps = [int(s) for s in steps]
     if len(steps) not in (1, num_stages):
-        raise ValueError(f"{name} takes one step count for every stage or one per stage ({num_stages} stages), "
+        raise ValueError(f"{name} takes one step count for every stage or one per stage ({num_stages} "
+                         f"stage{'s' * (num_stages != 1)}), "
                          f"got {len(steps)} values {steps}")
     if min(steps) < 1:
         raise ValueError(f"{name} must be >= 1 at every stage, got {steps}")
@@ -187,6 +188,8 @@ class PixelFlowPipeline:
         Returns per output_type: "np" (B, H, W, 3) float32 in [0, 1]; "pt" the same as a (B, H, W, 3) tensor
         (channels last, like "np", not the (B, 3, H, W) of the network);
         "uint8" (B, H, W, 3) uint8 numpy; "pil" a list of PIL images.
+        Raises ValueError for bad input, before any network call, and FloatingPointError when the samples hold
+        NaN or infinite values (they would otherwise come out as black pixels).
         """
         S = self.scheduler.num_stages
         height = self.resolution if height is None else height
@@ -236,6 +239,9 @@ class PixelFlowPipeline:
                 z, shadow = self._dopri5(z, shadow, stage, velocity, atol, rtol)
                 bar.update(1)
         bar.close()
+        if not torch.isfinite(z).all():  # one sync per call; NaN would pass the clamp and turn into black uint8 pixels
+            raise FloatingPointError(f"sampling produced NaN or infinite values ({int((~torch.isfinite(z)).sum())} of "
+                                     f"{z.numel()}): are the model's weights finite? Under bf16 autocast, try float32")
         return self._output(z, output_type)
 
     def _guidance_weights(self, guidance_scale: float, schedule: str,
@@ -367,6 +373,9 @@ class PixelFlowPipeline:
             conditions = {"cond": {"class_labels": labels}, "both": {"class_labels": torch.cat([labels, null])}}
             return (lambda: conditions), len(labels)
 
+        if getattr(self.model, "cross_attention_dim", None) is None:
+            raise ValueError("the model is neither class- nor text-conditional (num_classes 0 and no "
+                             "cross_attention_dim): the cascade samples conditional models only")
         if class_labels is not None:
             raise ValueError("this is a text-to-image model: pass prompt, not class_labels")
         if prompt is None:

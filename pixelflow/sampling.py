@@ -35,8 +35,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import (CHECKPOINTS_DIR, FolderError, WeightsError, atomic_write, check_writable_folder, find_weights,
-                         load_config, make_folder, resolve_pretrained, summarize_config)
+from .checkpoint import (CHECKPOINTS_DIR, FolderError, WeightsError, atomic_write, check_sampling_resolution,
+                         check_writable_folder, find_weights, load_config, make_folder, resolve_pretrained,
+                         summarize_config)
 from .distributed import (DistributedContext, agree, all_gather, all_reduce_sum, barrier, cleanup, init_distributed,
                           resolve_device)
 from .pipeline import GUIDANCE_SCHEDULES, steps_per_stage
@@ -430,7 +431,8 @@ def plan_sampling(opts: SampleOptions) -> SamplingPlan:
     config = load_config(checkpoint)
     find_weights(checkpoint)
     summary = summarize_config(config)
-    model_classes, num_stages, resolution = summary.num_classes, summary.num_stages, summary.resolution
+    model_classes, num_stages = summary.num_classes, summary.num_stages
+    resolution = check_sampling_resolution(config, str(checkpoint / "config.yaml"))
 
     steps = steps_per_stage(opts.num_steps_per_stage, num_stages, "--num-steps-per-stage")
 

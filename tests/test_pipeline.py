@@ -396,3 +396,22 @@ def test_text_inputs_are_checked_before_the_text_encoder_runs(t2i_pipe, monkeypa
     monkeypatch.setattr(t2i_pipe, "encode_prompt", no_encoder)
     with pytest.raises(ValueError, match=message):
         text_sample(t2i_pipe, **kwargs)
+
+
+def test_non_finite_samples_are_an_error_not_black_pixels(make_tiny_model):
+    from pixelflow.pipeline import PixelFlowPipeline
+    from pixelflow.scheduler import PixelFlowScheduler
+    model = make_tiny_model().eval()
+    with torch.no_grad():
+        model.proj_out_2.bias[0] = float("nan")
+    pipe = PixelFlowPipeline(model, PixelFlowScheduler(num_stages=2), resolution=8)
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        pipe(class_labels=[0], num_inference_steps=1, output_type="uint8")
+
+
+def test_an_unconditional_model_is_named_as_such(make_tiny_model):
+    from pixelflow.pipeline import PixelFlowPipeline
+    from pixelflow.scheduler import PixelFlowScheduler
+    pipe = PixelFlowPipeline(make_tiny_model(num_classes=0), PixelFlowScheduler(num_stages=2), resolution=8)
+    with pytest.raises(ValueError, match="neither class- nor text-conditional"):
+        pipe(prompt=["a fox"], num_inference_steps=1)

@@ -248,6 +248,21 @@ def test_bad_values_stop_before_any_work(tmp_path, capsys, extra, needle):
     assert not folder.exists()
 
 
+def test_a_checkpoint_resolution_the_cascade_cannot_reach_stops_before_any_work(tmp_path, capsys):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(C2I, ckpt)
+    config = (ckpt / "config.yaml").read_text()
+    resolution = sampling.summarize_config(sampling.load_config(C2I)).resolution
+    (ckpt / "config.yaml").write_text(config.replace(f"resolution: {resolution}", f"resolution: {resolution + 2}"))
+    folder = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main(_args(folder, 2, 2, pretrained=ckpt))
+    assert e.value.code == 2
+    assert f"data.resolution={resolution + 2} must be a positive multiple of" in capsys.readouterr().err
+    assert not folder.exists()
+
+
 def test_a_sample_folder_that_cannot_be_made_is_named(tmp_path, monkeypatch):
     """os.access passes for root on a read-only file system: the mkdir's own error is said plainly."""
     import errno

@@ -123,3 +123,10 @@ def test_renoise_upsamples_then_mixes_in_block_noise():
     assert torch.allclose(out - beta * n, alpha * z.repeat_interleave(2, -1).repeat_interleave(2, -2), atol=1e-6)
     with pytest.raises(ValueError, match="stage must be an int"):
         s.renoise(z, 4, n)
+
+
+@pytest.mark.parametrize("gamma", [-0.34, -0.5, -1.0, float("-inf"), 0.0, float("nan")])
+def test_gamma_outside_the_block_noise_range_is_refused(gamma):
+    """Below -1/3 the block covariance is not positive definite: refused up front, not at stage 1's Cholesky."""
+    with pytest.raises(ValueError, match="gamma must be in"):
+        PixelFlowScheduler(gamma=gamma)

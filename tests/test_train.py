@@ -565,6 +565,7 @@ def test_report_to_needs_its_package(tmp_path, monkeypatch):
     (["scheduler.num_stages=abc"], "scheduler.num_stages='abc' must be an int >= 1"),
     (["data.name=captions", "data.root=/", "model.params.cross_attention_dim=32"],
      "model.params.num_classes must be 0, got 4"),
+    (["model.params.cross_attention_dim=32"], "data.name=synthetic gives class labels, no captions"),
 ])
 def test_bad_values_found_only_late_before_are_refused_up_front(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -735,3 +736,17 @@ def test_loss_rows_go_to_the_log_file_and_without_a_bar_to_the_console(tmp_path,
                                                           progress=True)).fit()
     assert "step 2: loss" in (tmp_path / "b" / "log.txt").read_text()
     assert "step 2: loss" not in capfd.readouterr().err  # the progress bar shows it there
+
+
+@pytest.mark.parametrize("stages,patch,resolution", [(4, 1, 8), (4, 3, 24), (1, 1, 1), (2, 3, 6)])
+def test_a_coarsest_stage_of_odd_or_one_pixel_side_trains(stages, patch, resolution):
+    """Stage 0 starts from pure noise (start_t 0): its start image is never made, so a 1 px or odd side works."""
+    scheduler = PixelFlowScheduler(1000, stages)
+    side = resolution // 2 ** (stages - 1)
+    images = torch.rand(2, 3, resolution, resolution) * 2 - 1
+    noise = torch.randn(2, 3, side, side)
+    out = scheduler.training_targets(images, 0, torch.tensor([0, 999]), noise)
+    assert out.inputs.shape == out.targets.shape == (2, 3, side, side)
+    packed = pack_batch(scheduler, images, torch.arange(2) % stages, torch.tensor([3, 500]),
+                        lambda stage, shape: torch.randn(shape), patch)
+    assert packed.tokens.shape[1] == 3 * patch * patch

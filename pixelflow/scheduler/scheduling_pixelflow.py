@@ -35,8 +35,13 @@ class PixelFlowScheduler:
             raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
         if not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
-        if not gamma < 0:
-            raise ValueError(f"gamma must be negative (the block-noise correlation), got {gamma}")
+        if num_stages > num_train_timesteps:  # a stage would get no time grid point: start_t >= end_t
+            raise ValueError(f"num_stages={num_stages} exceeds num_train_timesteps={num_train_timesteps}: every stage "
+                             "needs at least one training time step")
+        if not -1 / 3 <= gamma < 0:
+            # The 2x2 block covariance (1 - gamma) I + gamma 11^T has eigenvalue 1 + 3 gamma: below -1/3 it is not
+            # positive definite and block noise cannot be drawn (a Cholesky error at the start of stage 1).
+            raise ValueError(f"gamma must be in [-1/3, 0) (the block-noise correlation; -1/3 as released), got {gamma}")
         if pyramid_shift:
             raise ValueError("scheduler.pyramid_shift=true is not part of the released method; set it to false")
         self.num_train_timesteps = N = num_train_timesteps
@@ -172,12 +177,17 @@ class PixelFlowScheduler:
         self._check_stage(stage)
         halvings = self.num_stages - 1 - stage
         end = halve(images, halvings)
-        start = F.interpolate(halve(end, 1), scale_factor=2, mode="nearest")
         if noise.shape != end.shape:
             raise ValueError(f"noise must have the stage's shape {tuple(end.shape)}, got {tuple(noise.shape)}")
         start_t, end_t = self.start_t[stage], self.end_t[stage]
+        if start_t == 0.0:
+            # Stage 0 starts from pure noise: its start image has weight 0, so it is not made. (Halving it could
+            # not be done at an odd or 1 px side, e.g. patch_size 1 or 3; 0 * A + 1 * eps is eps bit for bit.)
+            start = noise
+        else:
+            start = F.interpolate(halve(end, 1), scale_factor=2, mode="nearest")
+            start = start_t * start + (1.0 - start_t) * noise
         end = end_t * end + (1.0 - end_t) * noise
-        start = start_t * start + (1.0 - start_t) * noise
         tau = self.t_window_per_stage[stage][timestep_index.cpu()].float().to(images.device).view(-1, 1, 1, 1)
         return StageTargets(
             inputs=tau * end + (1.0 - tau) * start,
