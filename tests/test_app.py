@@ -182,6 +182,13 @@ def test_text_to_image(t2i_ckpt):
     assert {"pf-prompt", "pf-negative"} <= ids and "pf-class" not in ids
 
 
+def test_text_to_image_negative_prompt_reaches_the_sampler(t2i_ckpt):
+    generator = DemoGenerator(load_demo_pipeline(t2i_ckpt, device="cpu"))
+    [(plain, _)], _ = generator.generate("a red fox", "", 1, 4.0, 1.0, "euler", 0, 1)
+    [(negative, _)], _ = generator.generate("a red fox", "blurry, dark", 1, 4.0, 1.0, "euler", 0, 1)
+    assert not np.array_equal(np.asarray(plain), np.asarray(negative))
+
+
 def test_class_cond_flag_must_match_checkpoint(t2i_ckpt, capsys):
     with pytest.raises(ValueError, match="--class_cond was given but .* is a text-to-image checkpoint"):
         load_demo_pipeline(t2i_ckpt, device="cpu", class_cond=True)

@@ -133,6 +133,18 @@ def test_forward_equals_model(pipe, switches):
     assert max_abs(out, expected) < EXACT_ATOL
 
 
+@pytest.mark.parametrize("switches", [{}, ALL_CPU_SWITCHES], ids=["none", "all"])
+def test_forward_equals_model_on_non_square_images(pipe, switches):
+    # The grid-side embedding and the RoPE table must follow the model's choice of side (the token-grid width).
+    x, t, labels = forward_inputs()
+    x = torch.cat([x, x], dim=-1)[:, :, :8]  # (3, 3, 8, 32): a 4 x 16 token grid
+    with torch.no_grad():
+        expected = pipe.model(x, t, class_labels=labels)
+        out = denoiser(pipe.model, **switches)(x, t, class_labels=labels)
+    assert out.shape == expected.shape == x.shape
+    assert max_abs(out, expected) < EXACT_ATOL
+
+
 def test_head_pad_smaller_than_the_heads_is_refused(pipe):
     with pytest.raises(ValueError, match="head_pad 8 is smaller than the model's attention_head_dim 16"):
         denoiser(pipe.model, head_pad=8)

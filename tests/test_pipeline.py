@@ -79,6 +79,13 @@ def test_stage_guidance_weights(g):
     assert stage_guidance_weights(g, 4, class_conditional=False) == pytest.approx([g] * 4, abs=1e-12)
 
 
+def test_stage_guidance_ramp_for_other_stage_counts():
+    # Outside the release's 4 stages kappa rises linearly from 0 (coarsest) to 1 (finest).
+    assert stage_guidance_weights(3.0, 3, class_conditional=True) == pytest.approx([1.0, 2.0, 3.0], abs=1e-12)
+    assert stage_guidance_weights(3.0, 2, class_conditional=True) == pytest.approx([1.0, 3.0], abs=1e-12)
+    assert stage_guidance_weights(3.0, 1, class_conditional=True) == pytest.approx([3.0], abs=1e-12)
+
+
 def test_explicit_guidance_weights_reproduce_the_stage_ramp(c2i_pipe):
     ramp = stage_guidance_weights(2.4, 4, class_conditional=True)
     assert torch.equal(sample(c2i_pipe, guidance_scale=2.4), sample(c2i_pipe, guidance_weights=ramp))
@@ -130,6 +137,14 @@ def test_text_to_image_is_reproducible(t2i_pipe):
     assert first.shape == (2, SIZE, SIZE, 3)
     assert torch.equal(first, again)
     assert (first - text_sample(t2i_pipe, seed=5)).abs().max().item() > 0.1
+
+
+def test_negative_prompt_takes_the_place_of_the_empty_prompt_in_guidance(t2i_pipe):
+    default = text_sample(t2i_pipe, seed=4)
+    assert torch.equal(default, text_sample(t2i_pipe, seed=4, negative_prompt=""))
+    negative = text_sample(t2i_pipe, seed=4, negative_prompt=["blurry, dark", ""])
+    assert (negative[0] - default[0]).abs().max().item() > 1e-3  # guided away from "blurry, dark"
+    assert (negative[1] - default[1]).abs().max().item() < 1e-6  # its own negative prompt is the empty one
 
 
 def test_text_padding_is_masked_out(t2i_pipe, monkeypatch):
@@ -238,6 +253,19 @@ def test_given_noise_alone_decides_dopri5_with_guidance(c2i_pipe):
     assert not torch.equal(first, run(other, seed=0))
 
 
+def test_dopri5_runs_the_doubled_state_whenever_guidance_is_above_zero(c2i_pipe):
+    """As the release: any g > 0 (even g <= 1) doubles the dopri5 state, whose rows B..2B of block noise then
+    enter the step size; g = 0 runs no doubled state, so those rows are never read."""
+    latents = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    noise = noise_for(2)
+    other = [torch.cat([n, torch.randn(n.shape, generator=torch.Generator().manual_seed(5))]) for n in noise]
+    run = lambda stage_noise, g: sample(c2i_pipe, solver="dopri5", latents=latents,  # noqa: E731
+                                        stage_noise=stage_noise, guidance_scale=g)
+    for g in (0.5, 1.0):
+        assert not torch.equal(run(noise, g), run(other, g)), g
+    assert torch.equal(run(noise, 0.0), run(other, 0.0))
+
+
 def test_null_label_is_for_the_network_not_the_pipeline(c2i_pipe):
     null = c2i_pipe.model.null_label
     assert null == c2i_pipe.model.num_classes == 1000
@@ -246,6 +274,17 @@ def test_null_label_is_for_the_network_not_the_pipeline(c2i_pipe):
     assert torch.isfinite(v).all() and v.abs().max() > 0
     with pytest.raises(ValueError, match=str(null)):
         sample(c2i_pipe, class_labels=[null])
+
+
+def test_images_per_prompt_are_each_prompt_repeated_in_place(c2i_pipe, t2i_pipe, generators):
+    many = sample(c2i_pipe, class_labels=[3, 7], num_images_per_prompt=2, generator=generators(1, 2, 3, 4))
+    spelled = sample(c2i_pipe, class_labels=[3, 3, 7, 7], generator=generators(1, 2, 3, 4))
+    assert torch.equal(many, spelled)
+    many = text_sample(t2i_pipe, negative_prompt=["dark", ""], num_images_per_prompt=2,
+                       generator=generators(1, 2, 3, 4))
+    spelled = text_sample(t2i_pipe, prompt=["a red fox", "a red fox", "blue", "blue"],
+                          negative_prompt=["dark", "dark", "", ""], generator=generators(1, 2, 3, 4))
+    assert (many - spelled).abs().max().item() < 1e-5
 
 
 def test_numpy_count_of_images_per_prompt(c2i_pipe):

@@ -97,6 +97,22 @@ def test_default_sample_dir_names_the_settings(tmp_path):
     assert sampling.npz_path(d).name == "c2i_ckpt-cfg1.5-steps30-shift3-seed0.npz"
 
 
+def test_npz_holds_the_pngs_in_index_order(tmp_path):
+    folder = tmp_path / "samples"
+    for i in range(3):
+        pixels = np.zeros((4, 6, 3), dtype=np.uint8)
+        pixels[..., 0], pixels[0, 0] = 40 * i + 1, (i, 255 - i, 7)
+        sampling.write_png(sampling.png_path(folder, i), pixels)
+    out = sampling.write_npz(folder, 3, 4, 6)
+    assert out == tmp_path / "samples.npz"
+    with np.load(out) as npz:
+        arr = npz["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (3, 4, 6, 3)
+    for i in range(3):
+        assert np.array_equal(arr[i], sampling.read_png(sampling.png_path(folder, i)))
+    assert arr[:, 1, 1, 0].tolist() == [1, 41, 81]
+
+
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -178,6 +194,18 @@ def test_resume_refuses_other_settings(reference, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "cfg" in err and "1.5" in err
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["--shift", "2"], "shift"), (["--guidance-schedule", "constant"], "guidance_schedule"),
+    (["--global-seed", "3"], "global_seed"), (["--num-steps-per-stage", "3"], "num_steps_per_stage"),
+])
+def test_resume_refuses_any_setting_that_changes_the_pixels(reference, capsys, extra, key):
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main(_args(reference, 12, 5, *extra))  # a flag given again: the last one counts
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and key in err
 
 
 def test_pending_batches_resample_partial_chunks_whole():

@@ -148,6 +148,32 @@ def test_cached_text_features_match_on_the_fly(tmp_path, captions):
     assert wide.text(captions_, indices, dropped)[0].shape[-1] == 48
 
 
+def test_text_cache_never_serves_the_features_of_an_edited_caption(tmp_path, captions):
+    text = Trainer(t2i_config(captions, "train.max_steps=1", "data.cache_text_features=true"),
+                   TrainOptions(str(tmp_path), progress=False)).text
+    index, kept = torch.tensor([0]), torch.tensor([False])
+    text(["a red disc"], index, kept)  # cached for image 0
+    edited = "a blue square with a longer caption"  # the same image, its caption edited in the captions file
+    cached, mask = text([edited], index, kept)
+    expected = text._encode([edited])[0]
+    assert int(mask.sum()) == expected.shape[0] and torch.equal(cached[0, : expected.shape[0]], expected)
+
+
+def test_step_caption_features_follow_the_packed_order(tmp_path, captions):
+    trainer = Trainer(t2i_config(captions, "train.max_steps=1", "train.label_dropout=0.0"),
+                      TrainOptions(str(tmp_path), progress=False))
+    texts = ["a red disc", "a green square on a grey floor", "blue", "a yellow triangle", "a purple ring",
+             "cyan", "an orange cross, small", "a white diamond"]
+    batch = {"images": torch.rand(8, 3, 16, 16) * 2 - 1, "captions": texts, "indices": torch.arange(8),
+             "skipped": []}
+    packed, kwargs = trainer._batch_inputs(batch, 0)
+    assert not torch.equal(packed.order, torch.arange(8))  # packing reorders the images (finest stage first)
+    features, mask = trainer.text(texts, torch.arange(8), torch.zeros(8, dtype=torch.bool))
+    # Each packed image is conditioned on its own caption.
+    assert torch.equal(kwargs["encoder_hidden_states"], features[packed.order])
+    assert torch.equal(kwargs["encoder_attention_mask"], mask[packed.order])
+
+
 @pytest.mark.slow
 def test_tiny_text_to_image_loss_falls(tmp_path, captions):
     trainer = Trainer(t2i_config(captions, "train.max_steps=60", "model.params.depth=2"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +101,62 @@ def test_ema_decay_zero_copies_and_one_freezes():
     assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
 
 
+def _fake_batch(n: int = 8, resolution: int = 16) -> dict:
+    images = torch.rand(n, 3, resolution, resolution, generator=torch.Generator().manual_seed(n)) * 2 - 1
+    return {"images": images, "labels": torch.arange(n) % 4, "skipped": []}
+
+
+def test_step_labels_follow_the_packed_order_with_label_dropout_and_rank(tmp_path):
+    trainer = Trainer(tiny_config("train.max_steps=1", "train.label_dropout=0.25"),
+                      TrainOptions(str(tmp_path), progress=False))
+    batch, null = _fake_batch(), trainer.model.null_label
+    dropped = kept = 0
+    for step in range(40):
+        packed, kwargs = trainer._batch_inputs(batch, step)
+        labels, expected = kwargs["class_labels"], batch["labels"][packed.order]
+        # Each packed image is conditioned on its own label (or the null label), not the loader's order.
+        assert torch.equal(labels[labels != null], expected[labels != null])
+        dropped, kept = dropped + int((labels == null).sum()), kept + int((labels != null).sum())
+    assert 0.15 < dropped / (dropped + kept) < 0.35  # train.label_dropout=0.25 of the labels become null
+    # The step's draws are a function of (seed, rank, step): reproducible, and their own on every rank.
+    first, again = trainer._batch_inputs(batch, 0)[0], trainer._batch_inputs(batch, 0)[0]
+    assert torch.equal(first.tokens, again.tokens) and torch.equal(first.timesteps, again.timesteps)
+    trainer.dist = dataclasses.replace(trainer.dist, rank=1)
+    other_rank = trainer._batch_inputs(batch, 0)[0]
+    assert not torch.equal(first.timesteps, other_rank.timesteps)
+
+
+def test_training_loss_is_the_mean_of_per_image_means(tmp_path):
+    trainer = Trainer(tiny_config("train.max_steps=1", "train.label_dropout=0.0"),
+                      TrainOptions(str(tmp_path), progress=False))
+    batch = _fake_batch()
+    packed, _ = trainer._batch_inputs(batch, 0)
+    # A fresh model predicts exactly zero, so the loss is the targets' mean square, averaged per image first.
+    bounds = packed.cu_seqlens.tolist()
+    per_image = [packed.targets[a:b].pow(2).mean() for a, b in zip(bounds[:-1], bounds[1:])]
+    expected = torch.stack(per_image).mean().item()
+    per_pixel = packed.targets.pow(2).mean().item()
+    assert abs(expected - per_pixel) > 1e-3 * expected  # the batch tells the two averages apart
+    loss, _ = trainer.train_step(batch, 0)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_optimizer_steps_with_gradients_clipped_to_grad_clip(tmp_path):
+    trainer = Trainer(tiny_config("train.max_steps=1", "train.grad_clip=0.001"),
+                      TrainOptions(str(tmp_path), progress=False))
+    seen = []
+    step = trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        seen.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]).norm())
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record
+    _, grad_norm = trainer.train_step(_fake_batch(), 0)
+    assert grad_norm.item() > 0.01  # the norm before clipping, as logged
+    assert seen[0].item() == pytest.approx(0.001, rel=1e-3)
+
+
 # ---------------------------------------------------------------------------- resume and checkpoints
 def _weights(folder: Path) -> dict:
     return torch.load(folder / TRAINING_STATE, weights_only=True)["model"]
@@ -140,6 +198,45 @@ def test_keeps_only_the_last_checkpoints(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000003", "0000004"]
 
 
+@pytest.mark.parametrize("decay", [0.0, 1.0])
+def test_checkpoint_weights_are_the_ema_updated_after_the_optimizer_step(tmp_path, decay):
+    trainer = Trainer(tiny_config("train.max_steps=1", f"train.ema_decay={decay}"),
+                      TrainOptions(str(tmp_path), checkpoint_steps=1, progress=False))
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    folder = tmp_path / "checkpoints" / "0000001"
+    ema, trained = torch.load(folder / "model.pt", weights_only=True), _weights(folder)
+    assert max((trained[k] - initial[k]).abs().max().item() for k in initial) > 1e-4  # the step moved the model
+    # decay 0: the EMA is the model after this step's update; decay 1: it stays at the initial weights.
+    expected = trained if decay == 0.0 else initial
+    assert all(torch.equal(ema[k], expected[k].float()) for k in expected)
+
+
+def test_a_resumed_run_keeps_every_metrics_row_once(tmp_path):
+    options = dict(logging_steps=1, checkpoint_steps=2, progress=False)
+    Trainer(tiny_config("train.max_steps=3"), TrainOptions(str(tmp_path), **options)).fit()
+    # As if killed after logging step 3 but before its checkpoint landed: resume from step 2.
+    shutil.rmtree(tmp_path / "checkpoints" / "0000003")
+    Trainer(tiny_config("train.max_steps=4"), TrainOptions(str(tmp_path), resume=True, **options)).fit()
+    steps = [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    from pixelflow.checkpoint import atomic_write
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old\n")
+
+    def torn(tmp: str) -> None:
+        Path(tmp).write_text("half a ro")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, torn)
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     args = [str(ROOT / "configs" / "tiny_c2i.yaml"), *TINY, "train.max_steps=4", "--output-dir", "run",
             "--checkpoint-steps", "2"]
@@ -157,10 +254,17 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
     proc = run_train(tmp_path, str(ROOT / "configs" / "tiny_c2i.yaml"), *TINY, "train.max_steps=3",
-                     "--output-dir", "ddp", "--checkpoint-steps", "3", torchrun=2)
+                     "--output-dir", "ddp", "--checkpoint-steps", "3", "--logging-steps", "1", torchrun=2)
     assert "weights identical across 2 ranks" in proc.stderr
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "0000003" / TRAINING_STATE, weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+    # The logged loss is the mean over processes, not their sum: at step 1 (a fresh model, so the loss is the
+    # targets' mean square, within about 15% from batch to batch) it matches a one-process run's.
+    Trainer(tiny_config("train.max_steps=1"), TrainOptions(str(tmp_path / "one"), logging_steps=1,
+                                                           progress=False)).fit()
+    first = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("ddp", "one")]
+    assert first[0]["step"] == first[1]["step"] == 1
+    assert 0.75 < first[0]["loss"] / first[1]["loss"] < 1.33, first
 
 
 def test_leaving_the_process_group_leaves_no_gloo_threads(tmp_path):
@@ -541,6 +645,14 @@ def test_preprocessings_give_the_resolution_in_range():
     flips = {bool((Preprocess(16)(image, np.random.default_rng(s))[:, :, 0] ==
                    Preprocess(16)(image, np.random.default_rng(0))[:, :, 0]).all()) for s in range(8)}
     assert flips == {True, False}  # a horizontal flip for some draws, not for others
+
+
+def test_center_crop_box_halves_an_image_of_twice_the_resolution_as_adm():
+    # ADM's center_crop_arr halves with BOX while the short side is >= 2x the resolution (not >).
+    from pixelflow.data import center_crop_arr
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    expected = np.asarray(image.resize((24, 16), resample=Image.BOX))[:, 4:20]
+    assert np.array_equal(np.asarray(center_crop_arr(image, 16)), expected)
 
 
 def test_report_to_needs_its_package(tmp_path, monkeypatch):
