@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="guidance scale g >= 0 (class-to-image ramps it over the stages; 0 = none; default: %(default)s)")
     parser.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="ramp",
                         help="ramp: the release's stage-wise weights 1 + (g-1)(0, 1/6, 2/3, 1) for class-to-image "
-                             "with 4 stages (S stages: 1 + (g-1) k/(S-1), k = 0..S-1; one stage: g) "
-                             "(the FID 1.98 setting); constant: g at every stage (the paper's Euler 2.51 setting "
+                             "with 4 stages (the FID 1.98 setting; other stage counts S: 1 + (g-1) k/(S-1), "
+                             "k = 0..S-1; 1 stage: g); constant: g at every stage (the paper's Euler 2.51 setting "
                              "with g = 1.5). Text-to-image always uses g at every stage. (default: %(default)s)")
     parser.add_argument("--num-steps-per-stage", type=int, nargs="+", default=[30], metavar="N",
                         help="Euler steps: one int for every stage, or one per stage, e.g. 10 10 20 30 (default: 30)")

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 WEIGHT_FILES = ("model.pt", "model.safetensors", "model.pth", "model.bin")
 MODEL_FILE = WEIGHT_FILES[0]  # what our checkpoints write: the EMA weights as a flat state dict
+DEFAULT_RESOLUTION = 256  # data.resolution when a config omits it (the released models)
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -136,12 +137,18 @@ def summarize_config(config: DictConfig) -> ConfigSummary:
     params = config.get("model", {}).get("params", {})
     scheduler = config.get("scheduler", {})
     return ConfigSummary(
-        num_classes=int(params.get("num_classes", 0) or 0),
-        num_stages=int(scheduler.get("num_stages", 4)),
-        num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
+        num_classes=_config_int(params.get("num_classes", 0) or 0, "model.params.num_classes"),
+        num_stages=_config_int(scheduler.get("num_stages", 4), "scheduler.num_stages"),
+        num_train_timesteps=_config_int(scheduler.get("num_train_timesteps", 1000), "scheduler.num_train_timesteps"),
         pyramid_shift=bool(scheduler.get("pyramid_shift", False)),
-        resolution=int(config.get("data", {}).get("resolution", 256)),
+        resolution=_config_int(config.get("data", {}).get("resolution", DEFAULT_RESOLUTION), "data.resolution"),
     )
+
+
+def _config_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):  # int("abc") would say nothing of the key; 256.7 is no size
+        raise ValueError(f"{key}={value!r} in the config must be an int")
+    return value
 
 
 def check_sampling_resolution(config: DictConfig, source: str) -> int:
@@ -149,8 +156,8 @@ def check_sampling_resolution(config: DictConfig, source: str) -> int:
     (config.check_resolution); source names the file in the error."""
     from .config import check_resolution
 
-    summary = summarize_config(config)
     try:
+        summary = summarize_config(config)
         check_resolution(summary.resolution, build_model(config, meta=True).patch_size, summary.num_stages)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None

@@ -156,9 +156,12 @@ def validate_train_config(config: DictConfig) -> None:
     from .checkpoint import build_model
 
     scheduler = config.scheduler
-    for key in ("num_stages", "num_train_timesteps"):
-        if not _is_int(scheduler[key]) or scheduler[key] < 1:
-            raise ValueError(f"scheduler.{key}={scheduler[key]!r} must be an int >= 1")
+    for key, low in (("num_stages", 1), ("num_train_timesteps", 2)):
+        if not _is_int(scheduler[key]) or scheduler[key] < low:
+            raise ValueError(f"scheduler.{key}={scheduler[key]!r} must be an int >= {low}")
+    if scheduler.num_stages > scheduler.num_train_timesteps:  # else a stage gets no training time step
+        raise ValueError(f"scheduler.num_stages={scheduler.num_stages} exceeds scheduler.num_train_timesteps="
+                         f"{scheduler.num_train_timesteps}: every stage needs at least one training time step")
     if scheduler.pyramid_shift is not False:
         raise ValueError(f"scheduler.pyramid_shift={scheduler.pyramid_shift!r}: only false (the released method) "
                          "is supported")

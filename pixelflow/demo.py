@@ -67,8 +67,8 @@ def load_demo_pipeline(checkpoint: str | Path, device: str | torch.device | None
     """
     folder = resolve_pretrained(checkpoint)
     config = load_config(folder)
-    num_classes = summarize_config(config).num_classes
     check_sampling_resolution(config, str(folder / "config.yaml"))  # every request samples at this size
+    num_classes = summarize_config(config).num_classes
     if class_cond and num_classes <= 0:
         raise ValueError(f"--class_cond was given but {str(folder)!r} is a text-to-image checkpoint "
                          f"(model.params.num_classes = {num_classes}); drop --class_cond, the config decides the mode")

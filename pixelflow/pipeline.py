@@ -49,9 +49,8 @@ def steps_per_stage(steps: Sequence[int], num_stages: int, name: str = "num_infe
     """
     steps = [int(s) for s in steps]
     if len(steps) not in (1, num_stages):
-        raise ValueError(f"{name} takes one step count for every stage or one per stage ({num_stages} "
-                         f"stage{'s' * (num_stages != 1)}), "
-                         f"got {len(steps)} values {steps}")
+        raise ValueError(f"{name} takes one step count (used at every stage) or one per stage ({num_stages} "
+                         f"stage{'s' * (num_stages != 1)}), got {len(steps)} values {steps}")
     if min(steps) < 1:
         raise ValueError(f"{name} must be >= 1 at every stage, got {steps}")
     return steps * num_stages if len(steps) == 1 else steps
@@ -307,7 +306,11 @@ class PixelFlowPipeline:
 
         state = z if shadow is None else torch.cat([z, shadow])
         span = torch.tensor([0.0, 1.0], device=z.device, dtype=torch.float32)
-        end = odeint(rhs, state, span, method="dopri5", atol=atol, rtol=rtol)[-1]
+        try:
+            end = odeint(rhs, state, span, method="dopri5", atol=atol, rtol=rtol)[-1]
+        except AssertionError as e:  # torchdiffeq's "underflow in dt": NaN velocities shrink the step to zero
+            raise FloatingPointError(f"dopri5 failed at stage {stage} ({e}): the velocity is NaN or infinite; "
+                                     "are the model's weights finite? Under bf16 autocast, try float32") from None
         return end[:batch], (None if shadow is None else end[batch:])
 
     def _velocity_fn(self, shape, conditions: dict, weight: float):
@@ -405,7 +408,8 @@ class PixelFlowPipeline:
             num_inference_steps = num_inference_steps.tolist()
         given = [num_inference_steps] if np.ndim(num_inference_steps) == 0 else list(num_inference_steps)
         if not given or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in given):
-            raise ValueError(f"num_inference_steps must be an int or one int per stage, got {num_inference_steps!r}")
+            raise ValueError(f"num_inference_steps must be an int (used at every stage) or one int per stage, "
+                             f"got {num_inference_steps!r}")
         return steps_per_stage(given, self.scheduler.num_stages)
 
     def _check_call(self, height, width, guidance_scale, solver, output_type, shift) -> None:

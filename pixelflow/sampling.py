@@ -430,9 +430,9 @@ def plan_sampling(opts: SampleOptions) -> SamplingPlan:
     checkpoint = resolve_pretrained(opts.pretrained)
     config = load_config(checkpoint)
     find_weights(checkpoint)
+    resolution = check_sampling_resolution(config, str(checkpoint / "config.yaml"))
     summary = summarize_config(config)
     model_classes, num_stages = summary.num_classes, summary.num_stages
-    resolution = check_sampling_resolution(config, str(checkpoint / "config.yaml"))
 
     steps = steps_per_stage(opts.num_steps_per_stage, num_stages, "--num-steps-per-stage")
 
@@ -548,13 +548,17 @@ def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
 
     bar = _bar(None, opts.progress and ctx.is_main, total=opts.num_fid_samples, initial=done_all,
                desc="sampling", unit="img")
-    made_here = 0
+    made_here, error = 0, None
     for indices, to_write in work:
-        images = pipe(**_conditions(plan, indices), height=size, width=size,
+        try:
+            images = pipe(**_conditions(plan, indices), height=size, width=size,
                       num_inference_steps=plan.steps, guidance_scale=opts.cfg, shift=opts.shift,
                       guidance_schedule=opts.guidance_schedule,
                       solver=plan.solver, generator=image_generators(opts.global_seed, indices, ctx.device),
                       output_type="uint8")
+        except FloatingPointError as e:  # said by every process below, not left to a dead peer at the barrier
+            error = e
+            break
         keep = set(to_write)
         for index, pixels in zip(indices, images):
             if index in keep:
@@ -564,6 +568,7 @@ def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
             # rank 0 sees only its own share; the others' progress is estimated as the same fraction
             position = done_all + round(todo_all * made_here / todo_here)
             bar.update(max(0, position - bar.n))
+    agree(ctx, error, "sampling", FloatingPointError)
     barrier(ctx)
     if bar is not None:
         bar.update(opts.num_fid_samples - bar.n)

@@ -115,7 +115,7 @@ def test_random_seed_is_reported(c2i):
 @pytest.mark.parametrize("change, message", [
     ({"steps": 6}, r"between 1 and 5 \(this demo's cap\), got 6"),
     ({"steps": 0}, "between 1 and 5"),
-    ({"steps": "1,2"}, r"one step count for every stage or one per stage \(4 stages\), got 2 values"),
+    ({"steps": "1,2"}, r"one step count \(used at every stage\) or one per stage \(4 stages\), got 2 values"),
     ({"steps": "a lot"}, "one whole number or 4 of them"),
     ({"steps": "1.5"}, "whole numbers"),
     ({"steps": ""}, "one step count for every stage"),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pixelflow import sampling
 
@@ -259,7 +260,7 @@ def test_dopri5_images_do_not_depend_on_the_number_of_samples(tmp_path, capsys):
     (["--num-fid-samples", "0"], "--num-fid-samples must be >= 1, got 0"),
     (["--num-classes", "10"], "--num-classes 10 disagrees"),
     (["--num-steps-per-stage", "0"], "got [0]"),
-    (["--num-steps-per-stage", "2", "2"], "--num-steps-per-stage takes one step count for every stage or one per "
+    (["--num-steps-per-stage", "2", "2"], "--num-steps-per-stage takes one step count (used at every stage) or one per "
                                           "stage (4 stages), got 2 values"),
     (["--local-batch-size", "0"], "--local-batch-size must be >= 1, got 0"),
     (["--cfg", "-1"], "--cfg must be a finite number >= 0"),
@@ -289,6 +290,36 @@ def test_a_checkpoint_resolution_the_cascade_cannot_reach_stops_before_any_work(
     assert e.value.code == 2
     assert f"data.resolution={resolution + 2} must be a positive multiple of" in capsys.readouterr().err
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("resolution,shown", [("256.7", "256.7"), ("abc", "'abc'")])
+def test_a_checkpoint_resolution_that_is_no_whole_number_is_named(tmp_path, capsys, resolution, shown):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(C2I, ckpt)
+    config = sampling.load_config(C2I)
+    text = (ckpt / "config.yaml").read_text()
+    (ckpt / "config.yaml").write_text(text.replace(f"resolution: {config.data.resolution}", f"resolution: {resolution}"))
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main(_args(tmp_path / "never", 2, 2, pretrained=ckpt))
+    assert e.value.code == 2
+    assert f"config.yaml: data.resolution={shown} in the config must be an int" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("solver", [[], ["--use-ode-dopri5"]], ids=["euler", "dopri5"])
+def test_nan_samples_stop_with_a_plain_error_and_no_npz(tmp_path, solver):
+    """NaN would pass the clamp and be written as black pixels; sample_ddp says so instead, without a traceback."""
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(C2I, ckpt)
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    state["proj_out_2.bias"][0] = float("nan")
+    torch.save(state, ckpt / "model.pt")
+    folder = tmp_path / "samples"
+    with pytest.raises(SystemExit) as e:
+        sample_ddp.main(_args(folder, 2, 2, *solver, pretrained=ckpt))
+    assert "NaN or infinite" in str(e.value.code)
+    assert not (tmp_path / "samples.npz").exists() and not list(folder.glob("*.png"))
 
 
 def test_a_sample_folder_that_cannot_be_made_is_named(tmp_path, monkeypatch):

@@ -130,3 +130,10 @@ def test_gamma_outside_the_block_noise_range_is_refused(gamma):
     """Below -1/3 the block covariance is not positive definite: refused up front, not at stage 1's Cholesky."""
     with pytest.raises(ValueError, match="gamma must be in"):
         PixelFlowScheduler(gamma=gamma)
+
+
+def test_gamma_of_minus_a_third_in_float32_draws_block_noise():
+    s = PixelFlowScheduler(gamma=torch.tensor(-1 / 3).item())  # -0.33333334: a hair below -1/3
+    assert torch.isfinite(s.block_noise_cholesky()).all()
+    with pytest.raises(ValueError, match=r"num_stages=5 exceeds num_train_timesteps=4"):
+        PixelFlowScheduler(num_train_timesteps=4, num_stages=5)

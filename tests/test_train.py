@@ -678,6 +678,8 @@ def test_report_to_needs_its_package(tmp_path, monkeypatch):
     (["data.name=captions", "data.root=/", "model.params.cross_attention_dim=32"],
      "model.params.num_classes must be 0, got 4"),
     (["model.params.cross_attention_dim=32"], "data.name=synthetic gives class labels, no captions"),
+    (["scheduler.num_train_timesteps=3"], "scheduler.num_stages=4 exceeds scheduler.num_train_timesteps=3"),
+    (["scheduler.num_train_timesteps=1"], "scheduler.num_train_timesteps=1 must be an int >= 2"),
 ])
 def test_bad_values_found_only_late_before_are_refused_up_front(overrides, message):
     with pytest.raises(ValueError, match=message):

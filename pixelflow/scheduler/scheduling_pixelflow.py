@@ -38,9 +38,10 @@ class PixelFlowScheduler:
         if num_stages > num_train_timesteps:  # a stage would get no time grid point: start_t >= end_t
             raise ValueError(f"num_stages={num_stages} exceeds num_train_timesteps={num_train_timesteps}: every stage "
                              "needs at least one training time step")
-        if not -1 / 3 <= gamma < 0:
-            # The 2x2 block covariance (1 - gamma) I + gamma 11^T has eigenvalue 1 + 3 gamma: below -1/3 it is not
-            # positive definite and block noise cannot be drawn (a Cholesky error at the start of stage 1).
+        if not (gamma < 0 and 1 + 3 * gamma + BLOCK_NOISE_JITTER > 0):
+            # The 2x2 block covariance (1 - gamma + jitter) I + gamma 11^T has eigenvalue 1 + 3 gamma + jitter: below
+            # -1/3 it is not positive definite and block noise cannot be drawn (a Cholesky error at stage 1).
+            # The jitter admits -1/3 rounded to float32.
             raise ValueError(f"gamma must be in [-1/3, 0) (the block-noise correlation; -1/3 as released), got {gamma}")
         if pyramid_shift:
             raise ValueError("scheduler.pyramid_shift=true is not part of the released method; set it to false")
@@ -183,7 +184,7 @@ class PixelFlowScheduler:
         if start_t == 0.0:
             # Stage 0 starts from pure noise: its start image has weight 0, so it is not made. (Halving it could
             # not be done at an odd or 1 px side, e.g. patch_size 1 or 3; 0 * A + 1 * eps is eps bit for bit.)
-            start = noise
+            start = noise.to(torch.promote_types(end.dtype, noise.dtype))  # the dtype 0 * A + eps had
         else:
             start = F.interpolate(halve(end, 1), scale_factor=2, mode="nearest")
             start = start_t * start + (1.0 - start_t) * noise
