@@ -146,7 +146,8 @@ def summarize_config(config: DictConfig) -> ConfigSummary:
 
 
 def _config_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):  # int("abc") would say nothing of the key; 256.7 is no size
+    # int() would pass 256.7 as 256 and say nothing of the key for "abc"
+    if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{key}={value!r} in the config must be an int")
     return value
 

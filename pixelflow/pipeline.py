@@ -309,8 +309,10 @@ class PixelFlowPipeline:
         try:
             end = odeint(rhs, state, span, method="dopri5", atol=atol, rtol=rtol)[-1]
         except AssertionError as e:  # torchdiffeq's "underflow in dt": NaN velocities shrink the step to zero
-            raise FloatingPointError(f"dopri5 failed at stage {stage} ({e}): the velocity is NaN or infinite; "
-                                     "are the model's weights finite? Under bf16 autocast, try float32") from None
+            if "underflow" not in str(e):
+                raise
+            raise FloatingPointError(f"dopri5 failed at stage {stage} ({e}): the velocity is most likely NaN or "
+                                     "infinite; are the model's weights finite? Under bf16 autocast, try float32") from None
         return end[:batch], (None if shadow is None else end[batch:])
 
     def _velocity_fn(self, shape, conditions: dict, weight: float):

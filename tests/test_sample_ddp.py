@@ -299,7 +299,8 @@ def test_a_checkpoint_resolution_that_is_no_whole_number_is_named(tmp_path, caps
     shutil.copytree(C2I, ckpt)
     config = sampling.load_config(C2I)
     text = (ckpt / "config.yaml").read_text()
-    (ckpt / "config.yaml").write_text(text.replace(f"resolution: {config.data.resolution}", f"resolution: {resolution}"))
+    text = text.replace(f"resolution: {config.data.resolution}", f"resolution: {resolution}")
+    (ckpt / "config.yaml").write_text(text)
     with pytest.raises(SystemExit) as e:
         sample_ddp.main(_args(tmp_path / "never", 2, 2, pretrained=ckpt))
     assert e.value.code == 2
