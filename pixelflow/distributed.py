@@ -96,7 +96,9 @@ def init_distributed(device: str | torch.device | None = None,
         # torch._dynamo (imported lazily by torch, e.g. by nn.init on the meta device) must load before the group
         # is made: loaded after, it keeps gloo's threads alive past destroy_process_group, and a process that
         # exits on an error could then abort ("terminate called without an active exception", SIGABRT).
-        import torch._dynamo  # noqa: F401
+        # (`as`: a bare `import torch._dynamo` would make `torch` a local name of this whole function, unbound
+        # at the torch.cuda.set_device call above.)
+        import torch._dynamo as _dynamo  # noqa: F401
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 

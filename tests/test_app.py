@@ -137,6 +137,40 @@ def test_caps_and_bad_values_are_clear_errors(c2i, change, message):
         c2i.generate(**request)
 
 
+def test_the_caps_themselves_are_allowed(c2i):
+    cap = c2i.limits.max_steps
+    assert c2i.parse_steps(cap) == [cap] * 4 and c2i.parse_steps(f"1, 1, 1, {cap}") == [1, 1, 1, cap]
+    with pytest.raises(gr.Error, match="seed must be between -1 and"):  # seed + i must stay a 31-bit seed
+        c2i.generate(207, steps=1, seed=2**31 - c2i.limits.max_images, num_images=1)
+
+
+class RecordingPipeline:
+    """Stands in for the pipeline: records each call's generators' seeds, returns blank images."""
+    class_conditional, device = True, torch.device("cpu")
+
+    def __init__(self):
+        self.seeds = []
+
+    def __call__(self, **kwargs):
+        self.seeds.append([g.initial_seed() for g in kwargs["generator"]])
+        return [Image.new("RGB", (32, 32))] * len(kwargs["generator"])
+
+
+def test_random_seeds_differ_between_requests(c2i, monkeypatch):
+    pipe = RecordingPipeline()
+    monkeypatch.setattr(c2i, "pipe", pipe)
+    for _ in range(3):
+        c2i.generate(3, steps=1, seed=-1, num_images=2)
+    assert len({seeds[0] for seeds in pipe.seeds}) == 3  # 3 draws from 2^31 seeds: equal ones would be a bug
+    assert all(seeds[1] == seeds[0] + 1 and 0 <= seeds[0] <= 2**31 - 1 - c2i.limits.max_images
+               for seeds in pipe.seeds)
+
+
+def test_queue_size_is_the_demo_s_cap(c2i):
+    demo = build_demo(DemoGenerator(c2i.pipe, DemoLimits(max_images=3, max_steps=5, max_queue=2)))
+    assert demo._queue.max_size == 2
+
+
 def test_dopri5_warns_that_steps_are_unused(c2i, monkeypatch):
     # The pipeline's dopri5 is checked against the release elsewhere; here only what the demo passes it.
     calls = []
@@ -242,6 +276,22 @@ def test_cli_names_a_port_it_cannot_serve_on(monkeypatch):
     monkeypatch.setattr(demo, "launch", busy)
     with pytest.raises(SystemExit, match=r"cannot serve on --host 127.0.0.1 --port 7861: .*already in use"):
         app.main(["--checkpoint", str(REPO / "tests" / "golden" / "c2i_ckpt"), "--port", "7861"])
+
+
+def test_the_page_is_served_on_this_machine_only_unless_asked(monkeypatch):
+    import pixelflow.demo as demo
+    served = []
+
+    class Page:
+        def launch(self, **kwargs):
+            served.append(kwargs)
+
+    demo.launch(Page())
+    assert served[-1]["server_name"] == "127.0.0.1" and served[-1]["share"] is False
+    monkeypatch.setattr(demo, "launch", lambda page, **kwargs: served.append(kwargs))
+    app.main(["--checkpoint", str(GOLDEN / "c2i_ckpt"), "--no-fast", "--device", "cpu", "--host", "0.0.0.0",
+              "--port", "7999", "--share"])
+    assert served[-1] == {"host": "0.0.0.0", "port": 7999, "share": True}
 
 
 def test_one_image_per_request_and_a_bad_device_name(c2i):

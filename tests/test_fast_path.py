@@ -471,6 +471,15 @@ def test_fast_path_follows_the_pipelines_precision_and_model(plain_pipe):
         plain_pipe.model = plain_pipe.denoiser = original
 
 
+def test_a_precision_given_to_accelerate_is_the_pipelines_and_stays(plain_pipe):
+    """accelerate(precision="bf16") sets the pipeline's precision too; otherwise the pipeline's next call
+    (fast.follow) would rebuild the fast path at the old precision and drop the switch."""
+    fast.accelerate(plain_pipe, precision="bf16", merge_qkv=True)
+    assert plain_pipe.autocast_dtype == torch.bfloat16
+    plain_pipe(class_labels=[3], height=32, width=32, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert isinstance(plain_pipe.denoiser, fast.FastDenoiser) and plain_pipe.denoiser.autocast_dtype == torch.bfloat16
+
+
 def copy_with_noise(model: torch.nn.Module) -> torch.nn.Module:
     import copy
     other = copy.deepcopy(model)

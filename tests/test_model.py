@@ -183,8 +183,13 @@ def save_safetensors(folder):
     save_file({k: v.contiguous() for k, v in golden_state_dict().items()}, str(folder / "model.safetensors"))
 
 
+def save_from_compiled_ddp_model(folder):
+    # state_dict() of DDP(torch.compile(model)): every key starts with "module._orig_mod."
+    torch.save({f"module._orig_mod.{k}": v for k, v in golden_state_dict().items()}, folder / "model.pt")
+
+
 @pytest.mark.parametrize("write", [save_flat, save_wrapped_model, save_wrapped_ema, save_ema_beside_other_weights,
-                                   save_safetensors], ids=lambda f: f.__name__)
+                                   save_safetensors, save_from_compiled_ddp_model], ids=lambda f: f.__name__)
 def test_checkpoint_formats_load_to_identical_models(tmp_path, c2i_model, write):
     folder = checkpoint_folder(tmp_path, write.__name__, write)
     model, config = load_pretrained(folder)
@@ -229,6 +234,29 @@ def test_weights_with_an_unexpected_key_are_rejected(tmp_path):
 
     with pytest.raises(ValueError, match=r"unexpected.*transformer_blocks\.2\.norm1\.linear\.weight"):
         load_pretrained(checkpoint_folder(tmp_path, "unexpected", write))
+
+
+def test_weights_of_another_shape_are_named_as_a_weights_error(tmp_path):
+    from pixelflow.checkpoint import WeightsError
+
+    def write(folder):
+        state = golden_state_dict()
+        state["proj_out_2.weight"] = state["proj_out_2.weight"][:-1]
+        torch.save(state, folder / "model.pt")
+
+    with pytest.raises(WeightsError, match=r"shape mismatches \(1\).*proj_out_2\.weight"):
+        load_pretrained(checkpoint_folder(tmp_path, "shape", write))
+
+
+def test_half_precision_weights_load_into_a_float32_model(tmp_path):
+    """A checkpoint saved in bfloat16 loads as the config's float32 model, not as a bfloat16 one."""
+    def write(folder):
+        torch.save({k: v.to(torch.bfloat16) for k, v in golden_state_dict().items()}, folder / "model.pt")
+
+    model, _ = load_pretrained(checkpoint_folder(tmp_path, "bf16", write))
+    golden = golden_state_dict()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(torch.equal(v, golden[k].to(torch.bfloat16).float()) for k, v in model.state_dict().items())
 
 
 def test_packed_attention_uses_flash_attn_varlen_when_eligible(monkeypatch):

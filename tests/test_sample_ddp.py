@@ -404,6 +404,73 @@ def test_training_output_folder_resolves_to_newest_checkpoint(tmp_path):
     assert plan.sample_dir == Path("samples/run-0000200-cfg2.4-steps2-seed10")
 
 
+def test_a_checkpoint_folder_still_being_written_is_not_the_newest(tmp_path):
+    """OUT/checkpoints/<step> without its config.yaml or weights (a copy in progress) is passed over."""
+    out = tmp_path / "run"
+    for step, names in ((100, ("config.yaml", "model.pt")), (200, ("model.pt",)), (300, ("config.yaml",))):
+        ckpt = out / "checkpoints" / f"{step:07d}"
+        ckpt.mkdir(parents=True)
+        for name in names:
+            (ckpt / name).write_bytes((C2I / name).read_bytes())
+    assert sampling.resolve_pretrained(out) == out / "checkpoints" / "0000100"
+
+
+def test_a_folder_of_pngs_without_settings_is_refused(tmp_path):
+    folder = tmp_path / "samples"
+    sampling.write_png(sampling.png_path(folder, 0), np.zeros((32, 32, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="already holds PNGs but no sampling_args.json"):
+        sampling.plan_sampling(sampling.SampleOptions(pretrained=str(C2I), sample_dir=str(folder),
+                                                      num_steps_per_stage=[2], device="cpu"))
+
+
+def test_only_complete_rgb_pngs_of_the_right_size_count_as_finished(tmp_path):
+    from PIL import Image
+    good = tmp_path / "good.png"
+    sampling.write_png(good, np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert sampling.is_complete_png(good, 32, 32)
+    truncated = tmp_path / "truncated.png"  # the header and size decode; the pixel data is cut short
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert not sampling.is_complete_png(truncated, 32, 32)
+    assert not sampling.is_complete_png(good, 16, 16)           # an image of another size
+    grey = tmp_path / "grey.png"
+    Image.new("L", (32, 32)).save(grey)
+    assert not sampling.is_complete_png(grey, 32, 32)           # not RGB
+    assert not sampling.is_complete_png(tmp_path / "missing.png", 32, 32)
+
+
+def test_a_process_samples_the_chunks_of_its_global_rank(tmp_path):
+    """Rank 1 of 2 on a node of its own (LOCAL_RANK 0) makes rank 1's images, not rank 0's."""
+    from pixelflow.distributed import DistributedContext
+    plan = sampling.plan_sampling(sampling.SampleOptions(pretrained=str(C2I), sample_dir=str(tmp_path / "s"),
+                                                         num_fid_samples=4, local_batch_size=1,
+                                                         num_steps_per_stage=[1], device="cpu", progress=False))
+    sampling.sample_to_folder(plan, DistributedContext(rank=1, world_size=2, local_rank=0))
+    assert sorted(p.name for p in plan.sample_dir.glob("*.png")) == ["000001.png", "000003.png"]
+
+
+def test_the_device_comes_from_local_rank_and_the_group_from_rank(monkeypatch):
+    """Node 2 of a 2 x 2 job: global rank 3 joins the group as rank 3 and samples on its node's cuda:1."""
+    import torch
+
+    from pixelflow import distributed
+    joined = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: joined.setdefault("set_device", device))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: joined.update(kwargs))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = distributed.init_distributed("cuda")
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.device) == (3, 4, 1, torch.device("cuda", 1))
+    assert joined == {"set_device": torch.device("cuda", 1), "backend": "nccl", "rank": 3, "world_size": 4,
+                      "device_id": torch.device("cuda", 1)}
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="inconsistent launch environment: RANK=4, WORLD_SIZE=4"):
+        distributed.init_distributed("cpu")
+
+
 # ------------------------------------------------------------------------------------------ text-to-image
 @pytest.fixture
 def t2i_ckpt(tmp_path):

@@ -108,6 +108,8 @@ def test_set_timesteps_checks_its_arguments_and_takes_numpy_integers(scheduler):
             scheduler.set_timesteps(5, 1, shift=shift)
     with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got True"):
         scheduler.set_timesteps(True, 0)
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got 0"):
+        scheduler.set_timesteps(0, 0)
     with pytest.raises(ValueError, match="stage must be an int"):
         scheduler.set_timesteps(5, True)
 

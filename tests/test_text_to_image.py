@@ -159,6 +159,38 @@ def test_text_cache_never_serves_the_features_of_an_edited_caption(tmp_path, cap
     assert int(mask.sum()) == expected.shape[0] and torch.equal(cached[0, : expected.shape[0]], expected)
 
 
+def test_cached_captions_are_read_back_not_encoded_again(tmp_path, captions, monkeypatch):
+    text = Trainer(t2i_config(captions, "train.max_steps=1", "data.cache_text_features=true"),
+                   TrainOptions(str(tmp_path), progress=False)).text
+    index, kept = torch.tensor([3]), torch.tensor([False])
+    first = text(["a red disc"], index, kept)
+    encoded = []
+    monkeypatch.setattr(text, "_encode", lambda captions: encoded.append(captions) or [])
+    again = text(["a red disc"], index, kept)
+    assert encoded == [] and all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_cache_fingerprint_follows_the_encoder_weights():
+    from pixelflow.text_features import encoder_fingerprint
+    encoder, _ = build_tiny_text_encoder(d_model=24)
+    retrained, _ = build_tiny_text_encoder(d_model=24)
+    assert encoder_fingerprint(encoder, 16) == encoder_fingerprint(retrained, 16)
+    with torch.no_grad():
+        retrained.shared.weight.mul_(1.01)  # same name, width and shapes; other weights
+    assert encoder_fingerprint(encoder, 16) != encoder_fingerprint(retrained, 16)
+    assert encoder_fingerprint(encoder, 16) != encoder_fingerprint(encoder, 32)
+
+
+def test_a_misspelled_text_encoder_key_in_a_checkpoint_config_is_refused(tmp_path):
+    """text_encoder.max_lenght would otherwise sample with the default 512 tokens the model was not trained on."""
+    shutil.copy(GOLDEN / "t2i_ckpt" / "model.pt", tmp_path / "model.pt")
+    config = OmegaConf.load(GOLDEN / "t2i_ckpt" / "config.yaml")
+    config.text_encoder = {"name": "tiny-random-t5", "max_lenght": 16}
+    OmegaConf.save(config, tmp_path / "config.yaml")
+    with pytest.raises(ValueError, match="unknown config key 'text_encoder.max_lenght'"):
+        PixelFlowPipeline.from_pretrained(tmp_path)
+
+
 def test_step_caption_features_follow_the_packed_order(tmp_path, captions):
     trainer = Trainer(t2i_config(captions, "train.max_steps=1", "train.label_dropout=0.0"),
                       TrainOptions(str(tmp_path), progress=False))

@@ -500,6 +500,9 @@ def test_synthetic_classes_differ_in_colour():
     (["train.max_steps=true"], "train.max_steps=True must be a positive int"),
     (["scheduler.pyramid_shift=true"], "scheduler.pyramid_shift=True: only false"),
     (["train.attention=xformers"], "train.attention='xformers': unknown attention backend"),
+    (["train.label_dropout=1"], r"train.label_dropout=1 must be a number in \[0, 1\)"),
+    (["train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be an int >= 1"),
+    (["data.synthetic_classes=5"], "data.synthetic_classes=5 exceeds model.params.num_classes=4"),  # 4: the null label
 ])
 def test_bad_config_is_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -528,6 +531,16 @@ def test_an_override_without_a_value_is_refused():
     with pytest.raises(ValueError, match=r"\['train.max_steps='\] have no value.*key=null"):
         tiny_config("train.max_steps=")
     assert tiny_config("train.max_steps=null").train.max_steps is None
+
+
+def test_an_override_without_an_equals_sign_is_refused():
+    """`train.max_steps 200` typed as `train.max_steps`: OmegaConf would read it as null and train for epochs."""
+    with pytest.raises(ValueError, match=r"must look like key=value .*\['train.max_steps'\]"):
+        tiny_config("train.max_steps")
+
+
+def test_a_batch_of_one_image_per_stage_is_allowed():
+    validate_train_config(tiny_config("data.batch_size=4"))  # scheduler.num_stages=4
 
 
 def test_an_unloadable_text_encoder_is_named(tmp_path):
@@ -807,6 +820,50 @@ def test_data_order_of_each_epoch_is_its_own_for_every_seed():
     assert order(42, 1) != order(43, 0)
     assert order(42, 1) == order(42, 1) and order(42, 0) != order(42, 1)
     assert sorted(order(42, 1)) == list(range(64))
+
+
+def test_each_process_takes_its_own_whole_batches_of_one_epoch_order():
+    from pixelflow.data import ResumableShardSampler
+
+    def shard(rank, start_batch=0):
+        sampler = ResumableShardSampler(30, 4, rank=rank, world_size=3, seed=5)  # 2 batches each, 6 images unused
+        sampler.set_epoch(1, start_batch)
+        indices = [index for index, epoch in sampler]
+        assert len(indices) == len(sampler)
+        return indices
+
+    shards = [shard(rank) for rank in range(3)]
+    assert [len(s) for s in shards] == [8, 8, 8]
+    assert len(set(shards[0]) | set(shards[1]) | set(shards[2])) == 24  # disjoint: no image twice in a step
+    assert [shard(rank, start_batch=1) for rank in range(3)] == [s[4:] for s in shards]
+
+
+def test_synthetic_images_vary_with_epoch_and_index_but_not_between_reads():
+    from pixelflow.data import SyntheticShapes
+    data = SyntheticShapes(16, num_classes=2, size=8, seed=3)
+    first = data[(0, 0)]["image"]
+    assert torch.equal(first, data[(0, 0)]["image"])        # a function of (seed, epoch, index): any worker
+    assert not torch.equal(first, data[(2, 0)]["image"])    # same class, another image
+    assert not torch.equal(first, data[(0, 1)]["image"])    # same image, another epoch's jitter
+
+
+def test_image_folder_order_does_not_depend_on_the_file_system(tmp_path, monkeypatch):
+    from pixelflow import data as data_module
+    root = tmp_path / "data"
+    for c in ("b", "a"):
+        (root / c / "sub").mkdir(parents=True)
+        for name in ("2.png", "10.png", "sub/1.png"):
+            Image.new("RGB", (8, 8)).save(root / c / name)
+    walk = data_module.os.walk
+
+    def reversed_walk(*args, **kwargs):  # a listing order other than the names' (as on another file system)
+        for dirpath, dirs, files in reversed(list(walk(*args, **kwargs))):
+            yield dirpath, dirs, sorted(files, reverse=True)
+
+    monkeypatch.setattr(data_module.os, "walk", reversed_walk)
+    dataset = data_module.ImageFolderDataset(root, data_module.Preprocess(8))
+    assert [(Path(p).relative_to(root).as_posix(), label) for p, label in dataset.samples] == [
+        ("a/10.png", 0), ("a/2.png", 0), ("a/sub/1.png", 0), ("b/10.png", 1), ("b/2.png", 1), ("b/sub/1.png", 1)]
 
 
 def test_train_attention_chooses_the_packed_attention_kernel(tmp_path, monkeypatch):
