@@ -566,7 +566,8 @@ def sync_check(check: Check, pipe, inputs, resolution: int, guidance: float) -> 
             places[key] = places.get(key, 0) + 1
     print(f"host syncs in a 4 x 2-step sampling call: {sum(places.values())}" +
           "".join(f"\n  {k}: {v}" for k, v in sorted(places.items())))
-    print("(syncs in pipeline.py input checks run once per call; any in the step loop or fast.py would be a bug)")
+    print("(syncs in pipeline.py's input checks and its final NaN check run once per call; any in the step loop "
+          "or fast.py would be a bug)")
     check.results["host_syncs"] = places
 
 
