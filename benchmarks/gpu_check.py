@@ -192,6 +192,11 @@ def environment(check: Check, device: torch.device) -> None:
     except Exception as e:  # noqa: BLE001 - reported here; without it the fast path leaves FA4 out
         info["flash_attn.cute import"] = f"{type(e).__name__}: {str(e)[:200]}"
     info["fa4 usable"] = fast.kernel_installed("fa4")
+    try:  # what train.py and sample_ddp.py do first on this device (its CUDA branch once crashed unseen on the CPU)
+        from pixelflow.distributed import init_distributed
+        info["init_distributed"] = f"ok: {init_distributed(device).device}"
+    except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+        info["init_distributed"] = f"{type(e).__name__}: {str(e)[:200]}"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
