@@ -552,10 +552,10 @@ def _sample(plan: SamplingPlan, ctx: DistributedContext) -> Path:
     for indices, to_write in work:
         try:
             images = pipe(**_conditions(plan, indices), height=size, width=size,
-                      num_inference_steps=plan.steps, guidance_scale=opts.cfg, shift=opts.shift,
-                      guidance_schedule=opts.guidance_schedule,
-                      solver=plan.solver, generator=image_generators(opts.global_seed, indices, ctx.device),
-                      output_type="uint8")
+                          num_inference_steps=plan.steps, guidance_scale=opts.cfg, shift=opts.shift,
+                          guidance_schedule=opts.guidance_schedule,
+                          solver=plan.solver, generator=image_generators(opts.global_seed, indices, ctx.device),
+                          output_type="uint8")
         except FloatingPointError as e:  # said by every process below, not left to a dead peer at the barrier
             error = e
             break
