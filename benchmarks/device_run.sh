@@ -3,6 +3,8 @@
 # calls back to back on one warm machine (it keeps ignored folders between calls, for 30 idle seconds).
 #   call 1, carry [".fa4a"], kind "nvidia-h100-x1":  bash benchmarks/device_run.sh unpack
 #   call 2, carry [".fa4b"], kind "nvidia-h100-x1":  bash benchmarks/device_run.sh check BUDGET [SKIP WORD ...]
+# (with ".whl" carried too, holding omegaconf's wheel, `; bash benchmarks/cuda_smoke.sh` after it runs train.py
+# and sample_ddp.py on the GPU: about 110 s)
 # `check` writes $OUT/gpu_check.log and $OUT/gpu_check.json, and stops gpu_check 30 s after BUDGET seconds
 # (give the device call a timeout of BUDGET + 60). Without SKIP words it skips what earlier runs measured
 # and keeps what the next H100 run needs (see gpu_check.py's docstring). GPU_CHECK_ARGS adds arguments, e.g.
@@ -17,8 +19,7 @@ case "${1:-}" in
     [[ $budget =~ ^[0-9]+$ ]] || { echo "BUDGET must be whole seconds, got '$budget'" >&2; exit 2; }
     shift 2
     if [ $# -eq 0 ]; then
-      set -- golden "plain path" "batch 64" "short whole-run" "self-attention" "host syncs" head_pad=0 \
-        fused_gelu=False cudnn attention=fa4
+      set -- "Triton normalisation" "FlashAttention-4 tilings" "self-attention" compile_mode =False attention=
     fi
     if [ -f .fa4b/rest.tar.xz ] && [ -d .fa4site ]; then
       tar -xJf .fa4b/rest.tar.xz -C .fa4site || echo "unpacking .fa4b failed: FlashAttention-4 may not import"

@@ -22,8 +22,11 @@ Switches (FastOptions; "auto" resolves per device: everything on for CUDA, nothi
                the fastest whose output matches a float32 reference.
   head_pad     run attention at a larger head size: q, k, v get zero channels (which add exactly nothing to
                q.k), the softmax scale stays 1/sqrt(head_dim), and o_proj reads the padded output through
-               zero weight columns. Kernels are tuned for some head sizes (64, 128) more than for XL's 72;
-               "auto" lets the attention measurement try head_dim rounded up to 16, 32 and 128 as well.
+               zero weight columns. They are made padded, not copied: v by zero rows of its projection's
+               weight, q and k by the RMSNorm + RoPE kernel writing each head padded (fused_norms). Kernels
+               are tuned for some head sizes (64, 128) more than for XL's 72, and FlashAttention-4 pads 72 to
+               80 inside with predicated loads; "auto" lets the attention measurement try head_dim rounded up
+               to 16, 32 and 128 as well (FA4: to 16 only).
   fused_gelu   MLP fc1 + bias + tanh-GELU as one cuBLASLt GEMM with a GELU epilogue (CUDA): the 4D-wide
                hidden activation is written once instead of written, read and written again. Used only
                after a check on the device that the epilogue is the tanh GELU the model uses.
@@ -247,27 +250,55 @@ class BlockSpec(NamedTuple):
     fused_residual: bool
 
 
-def _rms_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
-    """RMSNorm then RoPE: (B, N, H*d) -> (B, N, H, d); one Triton kernel with fused_norms."""
+def _rms_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, spec: BlockSpec,
+              size: int = 0) -> torch.Tensor:
+    """RMSNorm then RoPE: (B, N, H*d) -> (B, N, H, d), or (B, N, H, size) with zeros after each head's d;
+    one Triton kernel with fused_norms (padded as it writes)."""
     if spec.fused_norms:
+        if size:
+            return norm_kernels.rms_rope_padded(x, weight, rope, spec.heads, spec.eps, size)
         return norm_kernels.rms_rope(x, weight, rope, spec.heads, spec.eps)
+    if size:
+        return norm_kernels.rms_rope_padded_reference(x, weight, rope, spec.heads, spec.eps, size)
     return norm_kernels.rms_rope_reference(x, weight, rope, spec.heads, spec.eps)
+
+
+def _pad_rows(t: torch.Tensor | None, heads: int, size: int) -> torch.Tensor | None:
+    """A projection's weight (H*d, D) or bias (H*d,) with zero rows after each head's d: (H*size, ...)."""
+    if t is None:
+        return None
+    per_head = t.unflatten(0, (heads, -1))
+    return F.pad(per_head, (0, 0) * (t.ndim - 1) + (0, size - per_head.shape[1])).flatten(0, 1)
 
 
 def _self_attention(h: torch.Tensor, rope: torch.Tensor, w: dict, spec: BlockSpec) -> torch.Tensor:
     heads, head_dim, kernel, pad = spec.heads, spec.head_dim, spec.kernel, spec.pad
-    if "qkv_w" in w:
-        q, k, v = F.linear(h, w["qkv_w"], w["qkv_b"]).chunk(3, dim=-1)
-    else:
-        q, k, v = F.linear(h, w["q_w"], w["q_b"]), F.linear(h, w["k_w"], w["k_b"]), F.linear(h, w["v_w"], w["v_b"])
-    q = _rms_rope(q, w["q_norm"], rope, spec)
-    k = _rms_rope(k, w["k_norm"], rope, spec)
-    v = v.unflatten(-1, (heads, head_dim))
     if not pad:
+        if "qkv_w" in w:
+            q, k, v = F.linear(h, w["qkv_w"], w["qkv_b"]).chunk(3, dim=-1)
+        else:
+            q, k, v = (F.linear(h, w[f"{n}_w"], w[f"{n}_b"]) for n in "qkv")
+        q = _rms_rope(q, w["q_norm"], rope, spec)
+        k = _rms_rope(k, w["k_norm"], rope, spec)
+        v = v.unflatten(-1, (heads, head_dim))
         return F.linear(_attend(q, k, v, kernel).flatten(-2), w["o_w"], w["o_b"])
-    # Padded heads: zero channels add nothing to q.k and come out of attention as zeros, which the zero
-    # columns of the padded o_proj weight ignore (the weight pad is a few MB, the activations' GBs).
-    out = _attend(pad_heads(q, pad), pad_heads(k, pad), pad_heads(v, pad), kernel, scale=head_dim ** -0.5)
+    # Padded heads, made padded where they are made instead of copied: v by zero rows of its projection, q and
+    # k by the norm kernel writing each head at `pad` channels. Zero channels add nothing to q.k and come out
+    # of attention as zeros, which the zero columns of the padded o_proj weight ignore. The weights are padded
+    # here, per call: a few MB against the activations' GBs.
+    inner = heads * head_dim
+    if "qkv_w" in w:
+        qk_w, v_w = w["qkv_w"].split((2 * inner, inner))
+        qk_b, v_b = (None, None) if w["qkv_b"] is None else w["qkv_b"].split((2 * inner, inner))
+        qkv_w = torch.cat([qk_w, _pad_rows(v_w, heads, pad)])
+        qkv_b = None if qk_b is None else torch.cat([qk_b, _pad_rows(v_b, heads, pad)])
+        q, k, v = F.linear(h, qkv_w, qkv_b).split((inner, inner, heads * pad), dim=-1)
+    else:
+        q, k = F.linear(h, w["q_w"], w["q_b"]), F.linear(h, w["k_w"], w["k_b"])
+        v = F.linear(h, _pad_rows(w["v_w"], heads, pad), _pad_rows(w["v_b"], heads, pad))
+    q = _rms_rope(q, w["q_norm"], rope, spec, pad)
+    k = _rms_rope(k, w["k_norm"], rope, spec, pad)
+    out = _attend(q, k, v.unflatten(-1, (heads, pad)), kernel, scale=head_dim ** -0.5)
     o_w = pad_heads(w["o_w"].unflatten(-1, (heads, head_dim)), pad).flatten(-2)
     return F.linear(out.flatten(-2), o_w, w["o_b"])
 
@@ -348,25 +379,52 @@ def kernel_installed(kernel: str) -> bool:
     return _IMPORTABLE[kernel]
 
 
-# FlashAttention-4's forward tiling, as keyword arguments of its flash_attn.cute.interface._flash_attn_fwd
-# (tile_mn=(m, n), mma_pv_is_rs, intra_wg_overlap); empty: its public flash_attn_func with the library's own
-# choice per head size (on an H100 at XL's head size 72: 192 x 144 tiles). benchmarks/gpu_check.py times
-# others (FA4_TILINGS) at the 256 px shape; the tiling changes speed, not the result beyond the order of sums.
-FA4_CONFIG: dict[str, Any] = {}
-FA4_TILINGS = tuple({"tile_mn": tile, "mma_pv_is_rs": rs, "intra_wg_overlap": True} for tile, rs in (
-    ((192, 128), False), ((128, 128), True), ((128, 128), False), ((128, 160), False), ((192, 160), False),
-    ((128, 192), False)))
+# FlashAttention-4's forward tiling per head size, as keyword arguments of its
+# flash_attn.cute.interface._flash_attn_fwd (tile_mn=(m, n), mma_pv_is_rs, intra_wg_overlap). Head sizes not named
+# here go to its public flash_attn_func with the library's own choice (at XL's head size 72: 192 x 144 tiles). On
+# an H100 (2026-11-27, stop 18) 192 x 128 ran the 256 px self-attention 1 to 7 % faster than that (5.81 against
+# 6.22 ms, 5.88 against 5.95 on another machine), and 5.26 ms with the heads given padded to 80 (head_pad), the
+# size FA4 pads 72 to inside. benchmarks/gpu_check.py times FA4_TILINGS at the 256 px shape; the tiling changes
+# speed, not the result beyond the order of sums.
+_FA4_192_128 = {"tile_mn": (192, 128), "mma_pv_is_rs": False, "intra_wg_overlap": True}
+FA4_CONFIG: dict[int, dict[str, Any]] = {72: _FA4_192_128, 80: _FA4_192_128}
+FA4_TILINGS = tuple({"tile_mn": tile, "mma_pv_is_rs": rs, "intra_wg_overlap": overlap} for tile, rs, overlap in (
+    ((192, 128), False, True), ((128, 128), True, True), ((128, 128), False, True), ((128, 160), False, True),
+    ((192, 160), False, True), ((128, 192), False, True), ((192, 96), False, True), ((192, 112), False, True),
+    ((192, 176), False, True), ((192, 192), False, True), ((192, 128), False, False)))
+_FA4_TILED: list = []  # [_flash_attn_fwd or None], found on first use
+
+
+def _fa4_tiled_forward():
+    """FA4's _flash_attn_fwd if the installed FlashAttention-4 takes the tiling arguments of FA4_CONFIG, else
+    None (with a warning, once): that private function is what the 4.0 betas expose for it."""
+    if not _FA4_TILED:
+        fwd = None
+        try:
+            from flash_attn.cute.interface import _flash_attn_fwd as fwd
+            names = {k for config in FA4_CONFIG.values() for k in config}
+            params = inspect.signature(fwd).parameters
+            if not (names <= set(params) or any(p.kind is p.VAR_KEYWORD for p in params.values())):
+                fwd = None
+        except (ImportError, AttributeError, TypeError, ValueError):
+            fwd = None
+        if fwd is None:
+            warnings.warn("this FlashAttention-4 takes no tiling arguments: fast.FA4_CONFIG is not used, the "
+                          "library picks its own tiles", stacklevel=3)
+        _FA4_TILED.append(fwd)
+    return _FA4_TILED[0]
 
 
 @torch.library.custom_op("pixelflow::fa4_attention", mutates_args=())
 def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """FlashAttention-4's forward: q (B, Lq, H, d), k/v (B, Lk, H, d) -> (B, Lq, H, d), softmax scale `scale`,
-    tiled as FA4_CONFIG says. An opaque operator: torch.compile calls it as it is instead of tracing into the
-    kernel library, and its just-in-time compilation happens on the first call (before any CUDA graph capture:
-    see FastDenoiser)."""
-    if FA4_CONFIG:
-        from flash_attn.cute.interface import _flash_attn_fwd
-        out = _flash_attn_fwd(q, k, v, softmax_scale=scale, **FA4_CONFIG)
+    tiled as FA4_CONFIG says for head size d. An opaque operator: torch.compile calls it as it is instead of
+    tracing into the kernel library, and its just-in-time compilation happens on the first call (before any CUDA
+    graph capture: see FastDenoiser)."""
+    config = FA4_CONFIG.get(q.shape[-1])
+    tiled = _fa4_tiled_forward() if config else None
+    if tiled is not None:
+        out = tiled(q, k, v, softmax_scale=scale, **config)
     else:
         from flash_attn.cute import flash_attn_func
         out = flash_attn_func(q, k, v, softmax_scale=scale)
@@ -533,12 +591,15 @@ def attention_label(kernel: str, pad: int) -> str:
 def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype,
                       device: torch.device | str, kernels: tuple[str, ...] | None = None,
                       pads: tuple[int, ...] = (0,), out_dim: int | None = None,
-                      graphed: bool = False) -> dict[str, dict]:
+                      graphed: bool = False, prepadded: bool = True) -> dict[str, dict]:
     """Time each exact self-attention kernel on random (batch, seq, heads, head_dim) inputs (CUDA), at each
     head size in `pads` (0: unpadded).
 
-    out_dim: also time what padding costs around the kernel (padding q, k, v and the output projection to
-    out_dim, whose input widens with the pad), for every candidate alike: what the forward pays.
+    out_dim: also time what padding costs around the kernel (the output projection to out_dim, whose input
+    widens with the pad, and its weight's pad), for every candidate alike: what the forward pays.
+    prepadded: padded candidates start from q, k, v made padded, as the fast path makes them with fused_norms
+    (see _self_attention; the few extra columns of the qkv projection, (pad - d) / 3d more, are not timed);
+    False: padded by copies in the timed call.
     graphed: time inside CUDA graphs, for shapes the fast path replays as graphs (see median_seconds).
     Returns {label: {"kernel", "pad", "seconds": median time or None, "max_err": vs a float32 reference on the
     first image, "error": why it could not run, "contiguous": whether the (B, L, H, d) output is laid out so
@@ -557,9 +618,13 @@ def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: to
     for pad in pads:
         scale = head_dim ** -0.5 if pad else None
 
-        def attend(kernel: str, pad: int = pad, scale: float | None = scale) -> torch.Tensor:
+        padded = tuple(pad_heads(t, pad) for t in (q, k, v)) if pad and prepadded else None
+
+        def attend(kernel: str, pad: int = pad, scale: float | None = scale, padded=padded) -> torch.Tensor:
             if not pad:
                 return _attend(q, k, v, kernel)
+            if padded is not None:
+                return _attend(*padded, kernel, scale=scale)
             return _attend(pad_heads(q, pad), pad_heads(k, pad), pad_heads(v, pad), kernel, scale=scale)
 
         def attend_project(kernel: str, pad: int = pad, attend=attend) -> torch.Tensor:
@@ -567,8 +632,10 @@ def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: to
             return F.linear(attend(kernel).flatten(-2), w)
 
         for kernel in kernels:
-            if kernel == "fa4" and pad and 0 in pads and head_dim % 8 == 0:
-                continue  # it takes the head size as it is, and each size costs a just-in-time compile
+            if kernel == "fa4" and pad and 0 in pads and pad != -(-head_dim // 16) * 16:
+                # It takes any head size, but pads it to a multiple of 16 inside, with predicated loads: only that
+                # size, given padded, can be faster (each size costs a just-in-time compile).
+                continue
             label = attention_label(kernel, pad)
             call = (lambda: attend(kernel)) if o_w is None else (lambda: attend_project(kernel))  # noqa: E731
             try:
@@ -587,12 +654,12 @@ def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: to
 
 def pick_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype,
                    device: torch.device | str, pads: tuple[int, ...] = (0,),
-                   out_dim: int | None = None, graphed: bool = False) -> tuple[str, int]:
+                   out_dim: int | None = None, graphed: bool = False, prepadded: bool = True) -> tuple[str, int]:
     """The fastest exact self-attention (kernel, head size or 0) for this shape (("default", 0) if none could
     be timed). out_dim: time the candidates with their padding and output projection (see measure_attention),
     which is what decides between head sizes."""
     results = measure_attention(batch, seq, heads, head_dim, dtype, device, pads=pads, out_dim=out_dim,
-                                graphed=graphed)
+                                graphed=graphed, prepadded=prepadded)
     timed = {k: r["seconds"] for k, r in results.items() if r["seconds"]}
     if not timed:
         return "default", 0
@@ -645,7 +712,7 @@ class FastDenoiser:
         self.fused_norms = bool(options.fused_norms)
         if self.fused_norms and (self.device.type == "cuda" or norm_kernels.INTERPRET) and not norm_kernels.works(
                 self.device, self.weight_dtype, model.hidden_size, model.num_attention_heads,
-                model.attention_head_dim):
+                model.attention_head_dim, pads=tuple(s for s in self.head_sizes if s)):
             warnings.warn(f"the Triton normalisation kernels do not compile, run or match their references on "
                           f"{self.device} ({self.weight_dtype}): fused_norms is off")
             self.fused_norms = False
@@ -792,7 +859,8 @@ class FastDenoiser:
                 kernel, pad = pick_attention(batch, seq, m.num_attention_heads, m.attention_head_dim,
                                              self.weight_dtype, self.device, pads=self.head_sizes,
                                              out_dim=m.hidden_size if len(self.head_sizes) > 1 else None,
-                                             graphed=batch * seq <= self.graph_max_tokens)
+                                             graphed=batch * seq <= self.graph_max_tokens,
+                                             prepadded=self.fused_norms)
             self._attention[key] = (kernel, pad)
             self.attention_choice[key] = attention_label(kernel, pad)
         return self._attention[key]

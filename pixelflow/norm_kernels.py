@@ -54,6 +54,13 @@ def rms_rope_reference(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor
     return apply_rope(normed.unflatten(-1, (heads, -1)), rope)
 
 
+def rms_rope_padded_reference(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, heads: int, eps: float,
+                              size: int) -> torch.Tensor:
+    """rms_rope_reference with each head written at `size` channels, zeros after its d: (B, N, H, size)."""
+    out = rms_rope_reference(x, weight, rope, heads, eps)
+    return F.pad(out, (0, size - out.shape[-1]))
+
+
 def layer_norm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                   eps: float) -> torch.Tensor:
     """(LayerNorm(x) * (1 + scale) + shift) in float32, rounded to x's dtype: x (B, N, D), shift/scale (B, D).
@@ -98,6 +105,38 @@ if triton is not None:
         out = tl.join(ye * cos - yo * sin, yo * cos + ye * sin)
         dst = out_ptr + (rows * C)[:, None, None] + offs[None, :, :]
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rms_rope_padded_kernel(x_ptr, w_ptr, rope_ptr, out_ptr, n_rows, seq, stride_b, stride_n, eps,
+                                C: tl.constexpr, HALF_D: tl.constexpr, HALF_P: tl.constexpr, HEADS: tl.constexpr,
+                                BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        # _rms_rope_kernel writing each head at 2 * HALF_P channels: output pair jo is head jo // HALF_P,
+        # position jo % HALF_P; positions past HALF_D read nothing (zeros, so their output is zero too).
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        b = rows // seq
+        n = rows % seq
+        jo = tl.arange(0, BLOCK)
+        pos = jo % HALF_P
+        valid = (pos < HALF_D) & (jo < HEADS * HALF_P)
+        j = (jo // HALF_P) * HALF_D + pos                                     # the source pair
+        pair = tl.arange(0, 2)
+        offs = 2 * j[:, None] + pair[None, :]                                 # (BLOCK, 2)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None, None] & valid[None, :, None] & (pair < 2)[None, None, :]
+        src = x_ptr + (b * stride_b + n * stride_n)[:, None, None] + offs[None, :, :]
+        x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / C + eps)
+        w = tl.load(w_ptr + offs, mask=valid[:, None] & (pair < 2)[None, :], other=0.0)
+        y = (x * rstd[:, None, None] * w[None, :, :]).to(out_ptr.dtype.element_ty).to(tl.float32)
+        ye, yo = tl.split(y)
+        pair_ok = row_ok[:, None] & valid[None, :]
+        table = rope_ptr + (n * (4 * HALF_D))[:, None] + (4 * pos)[None, :]
+        cos = tl.load(table, mask=pair_ok, other=0.0)
+        sin = tl.load(table + 1, mask=pair_ok, other=0.0)
+        out = tl.join(ye * cos - yo * sin, yo * cos + ye * sin)
+        dst = out_ptr + (rows * (2 * HEADS * HALF_P))[:, None, None] + (2 * jo[:, None] + pair[None, :])[None, :, :]
+        store = row_ok[:, None, None] & (jo < HEADS * HALF_P)[None, :, None] & (pair < 2)[None, None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=store)
 
     @triton.jit
     def _load_tokens(x_ptr, stride_b, stride_n, n_rows, seq, C: tl.constexpr, BLOCK: tl.constexpr,
@@ -199,9 +238,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # _rms_rope_flat_kernel), "partner" (one contiguous run, and each channel's partner read again from the cache,
 # _rms_rope_partner_kernel). layer_norm_modulate's: "per-token" shift and scale loads, or "shared" by a
 # program's tokens (where they are of one image). None: "pairs" / "per-token", one token per program, warps by
-# row width: what the H200 run of 2026-11-27 measured. Fixed, not tuned per process: the layout sets the
-# order of a row's sums, so a timing-based pick could change the low bits of images between runs or ranks.
-# benchmarks/gpu_check.py times every one of CONFIGS.
+# row width: what the H200 run of 2026-11-27 measured. layer_norm_modulate's (2, 4, "per-token"): on an H100
+# (2026-11-27, stop 18) 0.381 ms against the default's 0.480 at the 256 px shape (32 x 4096 tokens, width 1152).
+# Fixed, not tuned per process: the layout sets the order of a row's sums, so a timing-based pick could change
+# the low bits of images between runs or ranks. benchmarks/gpu_check.py times every one of CONFIGS.
 CONFIGS: dict[str, tuple[tuple, ...]] = {
     "rms_rope": ((1, 4, "pairs"), (2, 4, "pairs"), (4, 8, "pairs"), (1, 4, "flat"), (2, 8, "flat"), (4, 8, "flat"),
                  (1, 4, "partner"), (1, 8, "partner"), (2, 4, "partner"), (2, 8, "partner"), (4, 8, "partner")),
@@ -210,7 +250,8 @@ CONFIGS: dict[str, tuple[tuple, ...]] = {
                             (8, 8, "shared")),
 }
 CONFIGS["add_layer_norm_modulate"] = CONFIGS["layer_norm_modulate"]  # the same kernel, with the residual
-LAUNCH: dict[str, tuple | None] = {"rms_rope": None, "layer_norm_modulate": None, "add_layer_norm_modulate": None}
+LAUNCH: dict[str, tuple | None] = {"rms_rope": None, "layer_norm_modulate": (2, 4, "per-token"),
+                                   "add_layer_norm_modulate": None}
 FORMS = {"rms_rope": ("pairs", "flat", "partner"), "layer_norm_modulate": ("per-token", "shared"),
          "add_layer_norm_modulate": ("per-token", "shared")}
 
@@ -266,6 +307,35 @@ def rms_rope(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, heads: i
 @rms_rope.register_fake
 def _(x, weight, rope, heads, eps):
     return x.new_empty(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+@torch.library.custom_op("pixelflow::rms_rope_padded", mutates_args=())
+def rms_rope_padded(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, heads: int, eps: float,
+                    size: int) -> torch.Tensor:
+    """rms_rope with each head written at `size` >= d channels, zeros after its d: x (B, N, H*d) ->
+    (B, N, H, size) contiguous, in one kernel (the "pairs" form, whatever LAUNCH's form; its tokens per program
+    and warps apply). For attention at a padded head size (fast.py's head_pad) without a padding copy."""
+    _check_rms_rope(x, weight, rope, heads)
+    d = x.shape[-1] // heads
+    if isinstance(size, bool) or not isinstance(size, int) or size < d or size % 2:
+        raise ValueError(f"rms_rope_padded needs an even size >= the head size {d}, got {size!r}")
+    if not _launch(x):
+        return rms_rope_padded_reference(x, weight, rope, heads, eps, size).contiguous()
+    b, n, c = x.shape
+    x, weight, rope = _rows(x), weight.float().contiguous(), rope.float().contiguous()
+    out = torch.empty(b, n, heads, size, device=x.device, dtype=x.dtype)
+    block = triton.next_power_of_2(heads * size // 2)
+    rows, warps, _ = _config("rms_rope", triton.next_power_of_2(c // 2))
+    with _device(x):
+        _rms_rope_padded_kernel[(triton.cdiv(b * n, rows),)](
+            x, weight, rope, out, b * n, n, x.stride(0), x.stride(1), eps, C=c, HALF_D=d // 2, HALF_P=size // 2,
+            HEADS=heads, BLOCK=block, ROWS=rows, num_warps=warps)
+    return out
+
+
+@rms_rope_padded.register_fake
+def _(x, weight, rope, heads, eps, size):
+    return x.new_empty(*x.shape[:-1], heads, size)
 
 
 def _check_layer_norm(op: str, x: torch.Tensor, *per_image: torch.Tensor, names: str = "shift, scale") -> None:
@@ -335,22 +405,23 @@ _WORKS: dict[tuple, bool] = {}
 
 
 def works(device: torch.device | str, dtype: torch.dtype, hidden: int, heads: int, head_dim: int,
-          ops: tuple[str, ...] = ("rms_rope", "layer_norm_modulate")) -> bool:
+          ops: tuple[str, ...] = ("rms_rope", "layer_norm_modulate"), pads: tuple[int, ...] = ()) -> bool:
     """Whether the kernels of `ops` compile, run and match their references on `device` at a model's widths
-    (the kernels are compiled per width), on a few tokens. Cached. False without Triton (the operators would
-    run the reference formulas, unfused). The fast path checks this before using them, as it checks the GELU
-    epilogue, so that a GPU or a Triton they fail on costs speed, not a crash."""
+    (the kernels are compiled per width), on a few tokens; with "rms_rope" in ops, rms_rope_padded at each head
+    size of `pads` too. Cached. False without Triton (the operators would run the reference formulas, unfused).
+    The fast path checks this before using them, as it checks the GELU epilogue, so that a GPU or a Triton they
+    fail on costs speed, not a crash."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, dtype, hidden, heads, head_dim, tuple(ops), tuple(LAUNCH.items()))
+    key = (device, dtype, hidden, heads, head_dim, tuple(ops), tuple(pads), tuple(LAUNCH.items()))
     if key not in _WORKS:
-        _WORKS[key] = available() and _works(device, dtype, hidden, heads, head_dim, ops)
+        _WORKS[key] = available() and _works(device, dtype, hidden, heads, head_dim, ops, pads)
     return _WORKS[key]
 
 
 def _works(device: torch.device, dtype: torch.dtype, hidden: int, heads: int, head_dim: int,
-           ops: tuple[str, ...]) -> bool:
+           ops: tuple[str, ...], pads: tuple[int, ...] = ()) -> bool:
     # 2 x 16 tokens: Triton compiles integer arguments divisible by 16 (as every stage's token counts are) into
     # their own variant; q and k slices of a qkv projection and a contiguous q (no merge, cross-attention).
     inner = heads * head_dim
@@ -365,6 +436,9 @@ def _works(device: torch.device, dtype: torch.dtype, hidden: int, heads: int, he
         if "rms_rope" in ops:
             pairs += [(rms_rope(x, weight, rope, heads, 1e-6), rms_rope_reference(x, weight, rope, heads, 1e-6))
                       for x in (qkv[..., :inner], qkv[..., inner:2 * inner], qkv[..., :inner].contiguous())]
+            pairs += [(rms_rope_padded(x, weight, rope, heads, 1e-6, size),
+                       rms_rope_padded_reference(x, weight, rope, heads, 1e-6, size))
+                      for size in pads for x in (qkv[..., :inner], qkv[..., inner:2 * inner])]
         if "layer_norm_modulate" in ops:
             pairs.append((layer_norm_modulate(h, shift, scale, 1e-6),
                           layer_norm_modulate_reference(h, shift, scale, 1e-6)))

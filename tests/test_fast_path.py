@@ -9,7 +9,9 @@ same traced graph inductor would compile) and once with inductor itself (marked 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -206,6 +208,27 @@ def test_attention_measurement_times_padding_and_projection():
     assert fast.pick_attention(2, 16, 3, 12, torch.float32, "cpu", pads=(0, 16)) in exact
 
 
+def test_padded_candidates_are_timed_from_padded_inputs(monkeypatch):
+    """The fast path makes q, k and v padded where they are made (with fused_norms), so the measurement times
+    padded candidates from padded inputs: only the o_proj weight is padded in the timed call. prepadded=False
+    (no fused_norms: the norm's output is copied into padded heads) times the q, k and v copies too."""
+    pads_in_call = []
+    real = fast.pad_heads
+    monkeypatch.setattr(fast, "pad_heads", lambda t, size: pads_in_call.append(tuple(t.shape)) or real(t, size))
+
+    def timed(call, *args, **kwargs):  # "seconds": 1 + the pads made in the timed call
+        pads_in_call.clear()
+        call()
+        return 1.0 + len(pads_in_call)
+
+    monkeypatch.setattr(fast, "median_seconds", timed)
+    for prepadded, pads in ((True, 1), (False, 4)):
+        results = fast.measure_attention(2, 16, 3, 12, torch.float32, "cpu", kernels=("math",), pads=(0, 16),
+                                         out_dim=20, prepadded=prepadded)
+        assert results["math"]["seconds"] == 1.0 and results["math@16"]["seconds"] == 1.0 + pads, results
+        assert results["math@16"]["max_err"] < 1e-5
+
+
 # A stand-in for FlashAttention-4: flash_attn/cute/ with flash_attn_func(q, k, v, softmax_scale=...) -> (out, lse)
 # on (B, L, H, d) tensors, as the real one. It attends with SDPA and records its calls. Its flash_attn/ is a
 # regular package placed first on sys.path, so that an installed flash-attn 2 cannot hide it.
@@ -293,7 +316,12 @@ def test_fa4_kernel_is_exact_attention_and_one_compiled_region(fa4_stand_in, pip
     assert [c[:2] for c in stand_in.calls] == [((2, 10, 3, 16), 0.25), ((2, 10, 3, 32), 0.25)]
 
     results = fast.measure_attention(2, 16, 3, 16, torch.float32, "cpu", pads=(0, 32))
-    assert "fa4" in results and "fa4@32" not in results  # any multiple of 8 as it is: no padded compiles
+    assert "fa4" in results and "fa4@32" not in results  # a multiple of 16 as it is: no padded compiles
+    # XL's 72 is padded to 80 inside FA4, with predicated loads: 80 given padded is a candidate, larger not
+    results = fast.measure_attention(2, 16, 3, 24, torch.float32, "cpu", pads=fast.head_sizes(24, "auto"))
+    assert fast.head_sizes(24, "auto") == (0, 32, 128)
+    assert {"fa4", "fa4@32"} <= set(results) and "fa4@128" not in results and "flash@128" in results
+    assert results["fa4@32"]["error"] is None and results["fa4@32"]["max_err"] < 1e-5
     assert results["fa4"]["error"] is None and results["fa4"]["max_err"] < 1e-5
     assert results["fa4"]["contiguous"] is True  # heads flatten for o_proj without a copy
 
@@ -314,23 +342,92 @@ def test_fa4_kernel_is_exact_attention_and_one_compiled_region(fa4_stand_in, pip
     assert den.attention_choice == {(3, tokens): "fa4"} and den.status()["compiled_shapes"] == 1
 
 
-def test_fa4_tiling_goes_to_the_kernel(fa4_stand_in, monkeypatch):
-    """With FA4_CONFIG set, the op calls FA4's _flash_attn_fwd with that tiling (and the same result)."""
-    import flash_attn.cute as package
-
+def _fa4_interface(package, signature: str) -> None:
+    """A stand-in flash_attn/cute/interface.py whose _flash_attn_fwd has `signature` and records its tilings."""
     (Path(package.__file__).parent / "interface.py").write_text(FA4_STAND_IN.replace(
         "def flash_attn_func(q, k, v, softmax_scale=None, **ignored):",
-        "def _flash_attn_fwd(q, k, v, softmax_scale=None, **ignored):\n    tilings.append(ignored)") +
-        "\ntilings = []\n")
+        f"def _flash_attn_fwd({signature}):\n    tilings.append(ignored)") + "\ntilings = []\n")
+
+
+def test_fa4_tiling_goes_to_the_kernel(fa4_stand_in, monkeypatch):
+    """With FA4_CONFIG naming a tiling for the head size, the op calls FA4's _flash_attn_fwd with it (and the same
+    result); other head sizes go to the public function, with the library's own tiling."""
+    import flash_attn.cute as package
+
+    _fa4_interface(package, "q, k, v, softmax_scale=None, **ignored")
     import flash_attn.cute.interface as interface
 
+    monkeypatch.setattr(fast, "_FA4_TILED", [])
+    monkeypatch.setattr(fast, "FA4_CONFIG", {16: dict(fast.FA4_TILINGS[1])})
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 10, 3, 16, generator=gen) for _ in range(3))
-    monkeypatch.setattr(fast, "FA4_CONFIG", dict(fast.FA4_TILINGS[1]))
     out = fast._attend(q, k, v, "fa4")
     assert max_abs(out, fast._attend(q, k, v, "sdpa")) < 1e-6 and out.is_contiguous()
     assert interface.tilings == [{"tile_mn": (128, 128), "mma_pv_is_rs": True, "intra_wg_overlap": True}]
     assert interface.calls and not package.calls  # the public function is not called with a tiling set
+
+    q, k, v = (torch.randn(2, 10, 3, 24, generator=gen) for _ in range(3))
+    out = fast._attend(q, k, v, "fa4")  # no tiling for head size 24
+    assert max_abs(out, fast._attend(q, k, v, "sdpa")) < 1e-6
+    assert len(interface.tilings) == 1 and package.calls[-1][0] == (2, 10, 3, 24)
+
+
+def test_fa4_without_tiling_arguments_uses_its_own_tiles(fa4_stand_in, monkeypatch):
+    """An FA4 whose _flash_attn_fwd takes no tiling arguments: a warning, once, and the public function."""
+    import flash_attn.cute as package
+
+    _fa4_interface(package, "q, k, v, softmax_scale=None, ignored=None")
+    monkeypatch.setattr(fast, "_FA4_TILED", [])
+    monkeypatch.setattr(fast, "FA4_CONFIG", {16: dict(fast.FA4_TILINGS[0])})
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 10, 3, 16, generator=gen) for _ in range(3))
+    with pytest.warns(UserWarning, match="takes no tiling arguments"):
+        out = fast._attend(q, k, v, "fa4")
+    assert max_abs(out, fast._attend(q, k, v, "sdpa")) < 1e-6 and package.calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast._attend(q, k, v, "fa4")  # warned once
+
+
+def test_shipped_fa4_tilings_are_well_formed():
+    """Every tiling gpu_check times, and every shipped one, is one _flash_attn_fwd accepts in form."""
+    for config in (*fast.FA4_TILINGS, *fast.FA4_CONFIG.values()):
+        assert set(config) == {"tile_mn", "mma_pv_is_rs", "intra_wg_overlap"}
+        assert len(config["tile_mn"]) == 2 and all(t % 16 == 0 for t in config["tile_mn"])
+    assert all(isinstance(d, int) and d % 8 == 0 for d in fast.FA4_CONFIG)
+    assert len({str(c) for c in fast.FA4_TILINGS}) == len(fast.FA4_TILINGS)
+    assert all(c in fast.FA4_TILINGS for c in fast.FA4_CONFIG.values())  # shipped tilings were timed
+
+
+def test_gpu_check_times_every_fa4_tiling_and_restores_the_shipped_one(fa4_stand_in, monkeypatch, capsys):
+    """gpu_check's FA4 section: the library's own tiling, the shipped one for the model's head size, every other
+    one of FA4_TILINGS, then the two fastest at the head size padded to 16, whose output (cut back) is still
+    exact attention. Nothing is adopted off CUDA, and FA4_CONFIG is as shipped afterwards."""
+    import flash_attn.cute as package
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(BENCHMARKS_DIR))
+    import gpu_check
+
+    _fa4_interface(package, "q, k, v, softmax_scale=None, **ignored")
+    import flash_attn.cute.interface as interface
+
+    shipped = dict(fast.FA4_TILINGS[3])
+    monkeypatch.setattr(fast, "_FA4_TILED", [])
+    monkeypatch.setattr(fast, "FA4_CONFIG", {24: shipped, 32: dict(fast.FA4_TILINGS[4])})
+    model = SimpleNamespace(num_attention_heads=2, attention_head_dim=24, patch_size=2)
+    check = gpu_check.Check(600, None)
+    gpu_check.fa4_tilings_check(check, torch.device("cpu"), model, 2, 8)
+    out = capsys.readouterr().out
+    rows = check.results["fa4_tilings"]
+    assert [r["config"] for r in rows[:2]] == [None, shipped] and f"| {shipped} (shipped) |" in out
+    assert {str(r["config"]) for r in rows[1:-2]} == {str(c) for c in fast.FA4_TILINGS}
+    assert len(rows) == 1 + len(fast.FA4_TILINGS) + 2
+    assert [r["head_size"] for r in rows] == [24] * (len(rows) - 2) + [32, 32]
+    assert all(r["max_abs"] < 1e-5 for r in rows)  # the padded ones too, cut back to 24
+    assert len(interface.tilings) >= len(fast.FA4_TILINGS) + 2 and package.calls  # the library's own: public
+    assert "zero-padded to head size 32" in out and "to ship it" not in out
+    assert fast.FA4_CONFIG == {24: shipped, 32: fast.FA4_TILINGS[4]}
 
 
 def test_gelu_epilogue_check_tells_tanh_from_erf(monkeypatch):
@@ -728,3 +825,19 @@ def test_gpu_check_dry_run_without_omegaconf(tmp_path):
     # the whole run with the fastest variant reuses the FastDenoiser its 256 px forward was compiled in
     if report["fastest_variant"] != report["forward_variants"][0]["name"]:
         assert report["fastest_variant_run"]["compiled_shapes_before"] >= 1, report.get("fastest_variant_run")
+
+
+def test_cuda_smoke_script_runs_on_the_cpu(tmp_path):
+    """benchmarks/cuda_smoke.sh (train, resume and sample under torchrun; the GPU run's end-to-end check) with two
+    CPU processes: it must pass here, so that it cannot rot between GPU sessions, and name what it checked."""
+    import subprocess
+
+    env = {**os.environ, "NPROC": "2", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(BENCHMARKS_DIR / "cuda_smoke.sh")], env=env, capture_output=True, text=True,
+                            timeout=280)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.rstrip().endswith("SMOKE PASS")
+    check = (tmp_path / "smoke_check.log").read_text()
+    assert "metrics rows at steps [10, 20, 30, 40, 50, 60]" in check and "max 0," in check  # fp32: identical
+    assert {p.name for p in tmp_path.iterdir()} >= {"smoke_train.log", "smoke_resume.log", "smoke_sample_fast.log",
+                                                    "smoke_sample_plain.log", "smoke_check.log"}

@@ -78,6 +78,50 @@ def test_rms_rope_kernel_equals_the_reference():
     assert "checked 48" in out
 
 
+def test_padded_rms_rope_kernel_writes_each_head_padded_with_zeros():
+    """rms_rope_padded: the unpadded kernel's output in each head's first d channels (up to the order of a
+    token's sum of squares) and exact zeros after them, at XL's head size 72 padded to 80 and 96 and at a small one,
+    float32 and bf16, 1 and 2 tokens per program over 45 tokens (the last program partly masked); every
+    LAUNCH form gives the same (the padded kernel is always the "pairs" form). Odd or too small sizes are
+    refused."""
+    out = run_interpreted("""
+        from pixelflow.model.embeddings import rope_2d
+        torch.manual_seed(0)
+        checked = 0
+        for (heads, head_dim, size), dtype, config in itertools.product(
+                ((2, 72, 80), (2, 72, 96), (3, 8, 16)), (torch.float32, torch.bfloat16),
+                ((1, 4, "pairs"), (2, 4, "pairs"), (1, 4, "flat"))):
+            nk.LAUNCH["rms_rope"] = (config[0], config[1], "pairs")
+            c = heads * head_dim
+            rope = rope_2d(5, 9, head_dim)
+            qkv = (torch.randn(3, 45, 3 * c) * 3).to(dtype)
+            weight = torch.rand(c) + 0.5
+            for x in (qkv[..., :c], qkv[..., c:2 * c]):
+                unpadded = nk.rms_rope(x, weight, rope, heads, 1e-6)
+                nk.LAUNCH["rms_rope"] = config
+                out = nk.rms_rope_padded(x, weight, rope, heads, 1e-6, size)
+                assert out.shape == (3, 45, heads, size) and out.dtype == dtype and out.is_contiguous()
+                # the same values; a token's sum of squares runs in another lane order, so the last bit of
+                # its scale may differ, and in bf16 a rounding may then go the other way (one ulp, 2^-7)
+                bound = 1e-5 if dtype == torch.float32 else 2 ** -7 * unpadded.float().abs() + 1e-6
+                err = (out[..., :head_dim].float() - unpadded.float()).abs()
+                assert (err <= bound).all(), (heads, head_dim, size, dtype, config, err.max().item())
+                assert torch.all(out[..., head_dim:] == 0)
+                ref = nk.rms_rope_padded_reference(x, weight, rope, heads, 1e-6, size)
+                assert ref.shape == out.shape and torch.all(ref[..., head_dim:] == 0)
+                nk.LAUNCH["rms_rope"] = (config[0], config[1], "pairs")
+                checked += 1
+        for size in (6, 81, True):
+            try:
+                nk.rms_rope_padded(qkv[..., :c], weight, rope, heads, 1e-6, size)
+            except ValueError as e:
+                assert "even size >= the head size 8" in str(e), e
+                checked += 1
+        print("checked", checked)
+    """)
+    assert "checked 39" in out
+
+
 def test_layer_norm_modulate_kernel_equals_the_reference():
     """Shift and scale as strided views of the (B, 6, D) modulation tensor, as the block passes them; 3 images
     of 5 tokens (a program's tokens can span two images: the "shared" form loads per token there) and of 4
@@ -132,7 +176,7 @@ def test_fast_forwards_with_the_kernels_equal_the_models():
     """Whole FastDenoiser forwards with the kernels inside (both counted) against the golden tiny models in
     float32: class-to-image, and text-to-image, where the cross-attention queries go through rms_rope too;
     with fused_residual (every block after the first, and the final layer, add the residual in the LayerNorm
-    kernel), and class-to-image without it."""
+    kernel), and class-to-image without it; then both at a padded head size (head_pad)."""
     out = run_interpreted("""
         from pixelflow import fast
         from pixelflow.checkpoint import load_pretrained
@@ -169,8 +213,34 @@ def test_fast_forwards_with_the_kernels_equal_the_models():
             err = (out - expected).abs().max().item()
             assert err < 1e-5, err
             print("max abs", err)
+        # Padded heads (head_pad): q and k come out of the padded kernel, v out of zero rows of its projection,
+        # merged or not; the cross-attention queries stay unpadded.
+        launches["_rms_rope_padded_kernel"] = 0
+        kernel = nk._rms_rope_padded_kernel
+        class CountingPadded:
+            def __getitem__(self, grid):
+                launches["_rms_rope_padded_kernel"] += 1
+                return kernel[grid]
+        nk._rms_rope_padded_kernel = CountingPadded()
+        for (model, args, kwargs), merge in zip(calls, (True, False)):
+            size = model.attention_head_dim + 8
+            options = fast.FastOptions(merge_qkv=merge, merge_adaln=True, attention="default", fused_norms=True,
+                                       fused_residual=True, head_pad=size).resolve("cpu")
+            den = fast.FastDenoiser(model, options)  # works() checks the padded kernel at this size too
+            assert den.status()["fused_norms"] is True and den.head_sizes == (size,)
+            before = dict(launches)
+            with torch.no_grad():
+                expected = model(*args, **kwargs)
+                out = den(*args, **kwargs)
+            depth = len(model.transformer_blocks)
+            cross = hasattr(model.transformer_blocks[0], "attn2")
+            assert launches["_rms_rope_padded_kernel"] - before["_rms_rope_padded_kernel"] == 2 * depth
+            assert launches["_rms_rope_kernel"] - before["_rms_rope_kernel"] == (depth if cross else 0)
+            err = (out - expected).abs().max().item()
+            assert err < 1e-5, err
+            print("max abs", err)
     """)
-    assert out.count("max abs") == 3
+    assert out.count("max abs") == 5
 
 
 def test_kernels_that_do_not_compile_are_refused_before_any_forward():
