@@ -10,8 +10,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-if ! $py -c "import omegaconf" 2>/dev/null; then
-  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/smoke_site .whl/*.whl \
+if ! "$py" -c "import omegaconf" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/smoke_site .whl/*.whl \
     || { echo "SMOKE FAIL: omegaconf is not installed and .whl/ holds no wheel of it"; exit 1; }
   export PYTHONPATH=/tmp/smoke_site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -19,8 +19,9 @@ export PYTHONUNBUFFERED=1
 out=${OUT:-.devout}
 mkdir -p "$out"
 work=$(mktemp -d)
-nproc=${NPROC:-$($py -c "import torch; print(torch.cuda.device_count() or 2)")}
-launch=(timeout -k 10 "${SMOKE_STEP_TIMEOUT:-240}" $py -m torch.distributed.run --standalone
+trap 'rm -rf "$work"' EXIT
+nproc=${NPROC:-$("$py" -c "import torch; print(torch.cuda.device_count() or 2)")}
+launch=(timeout -k 10 "${SMOKE_STEP_TIMEOUT:-240}" "$py" -m torch.distributed.run --standalone
         --nproc_per_node="$nproc")
 fail() { echo "SMOKE FAIL: $*"; exit 1; }
 step() {  # step NAME COMMAND...: run it, its output to the console and $out/smoke_NAME.log
@@ -33,7 +34,7 @@ step() {  # step NAME COMMAND...: run it, its output to the console and $out/smo
   [ "$rc" -eq 0 ] || fail "$name exited with $rc"
 }
 
-echo "# cuda_smoke: $nproc process(es), $($py -c "import torch; print(torch.__version__, \
+echo "# cuda_smoke: $nproc process(es), $("$py" -c "import torch; print(torch.__version__, \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")"
 step train "${launch[@]}" train.py configs/tiny_c2i.yaml --output-dir "$work/run" train.max_steps=40 \
   --checkpoint-steps 20 --logging-steps 10 --no-progress
@@ -44,7 +45,7 @@ step sample_fast "${launch[@]}" sample_ddp.py --pretrained "$work/run" --num-fid
   --num-steps-per-stage 5 --sample-dir "$work/fast" --no-progress
 step sample_plain "${launch[@]}" sample_ddp.py --pretrained "$work/run" --num-fid-samples 32 --local-batch-size 8 \
   --num-steps-per-stage 5 --sample-dir "$work/plain" --no-progress --no-fast
-$py - "$work" <<'EOF' 2>&1 | tee "$out/smoke_check.log"
+"$py" - "$work" <<'EOF' 2>&1 | tee "$out/smoke_check.log"
 import json, sys
 from pathlib import Path
 

@@ -50,8 +50,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -241,14 +243,15 @@ def attention_kernels(check: Check, device: torch.device, model, batch: int, res
         args = (b, seq, model.num_attention_heads, model.attention_head_dim, torch.bfloat16, device)
         graphed = b * seq <= fast.FastOptions.graph_max_tokens  # as the fast path replays these stages
         results = fast.measure_attention(*args, pads=pads, graphed=graphed)
-        # What the fast path's auto choice compares: with the padding and the output projection around it.
+        # What the fast path's auto choice compares: with the output projection and the per-call weight pads
+        # around it (q, k, v are made padded: see fast.measure_attention).
         with_proj = fast.measure_attention(*args, pads=pads, out_dim=model.hidden_size, graphed=graphed)
         flops = 4 * b * seq * seq * model.num_attention_heads * model.attention_head_dim  # unpadded: useful work
         for label, r in results.items():
             tflops = flops / r["seconds"] / 1e12 if r["seconds"] else None
             rows.append(dict(stage=stage, batch=b, seq=seq, label=label, **r, tflops=tflops, graphed=graphed,
                              seconds_with_proj=with_proj[label]["seconds"]))
-    print("| stage | batch | tokens | kernel@head size | ms | useful TFLOP/s | ms with pad + o_proj | "
+    print("| stage | batch | tokens | kernel@head size | ms | useful TFLOP/s | ms with o_proj, weight pads | "
           "max err vs fp32 | (B, L, H, d) out contiguous | timed in a CUDA graph | error |")
     print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | --- |")
     ms = lambda v: f"{1e3 * v:.3f}" if v else "-"  # noqa: E731
@@ -401,11 +404,12 @@ def _tensors(out) -> tuple[torch.Tensor, ...]:
 def fa4_tilings_check(check: Check, device: torch.device, model, rows: int, resolution: int,
                       adopt: bool = True) -> None:
     """FlashAttention-4 at the 256 px self-attention shape under its own tiling, the shipped one
-    (fast.FA4_CONFIG for the model's head size) and each of fast.FA4_TILINGS: time, TFLOP/s, distance from the
-    library's own output. adopt: the rest of the run uses the fastest matching tiling (when it beats the shipped
-    one by over 2 %), printed as the fast.FA4_CONFIG line to ship. Then the two fastest tilings at the head size
-    rounded up to 16 (q, k, v zero-padded before the call, so the kernel needs no head-size predication; useful
-    TFLOP/s still count the model's head size): what padding the projections' layout would buy."""
+    (fast.FA4_CONFIG for the head size) and each of fast.FA4_TILINGS: time, TFLOP/s, distance from the library's
+    own output. At the model's head size, then (when that is no multiple of 16) at it rounded up to 16, with q, k,
+    v given zero-padded as the fast path's head_pad makes them (FA4 pads inside otherwise, with predicated loads;
+    useful TFLOP/s count the model's head size). adopt: the rest of the run uses, per head size, the fastest
+    matching tiling (when it beats the shipped one by over 2 %), printed as the fast.FA4_CONFIG line to ship
+    (main adopts on CUDA only: CPU timings say nothing about a GPU's)."""
     from pixelflow import fast
     if not fast.kernel_installed("fa4"):
         print("FlashAttention-4 does not import here: nothing to time")
@@ -415,64 +419,56 @@ def fa4_tilings_check(check: Check, device: torch.device, model, rows: int, reso
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(rows, seq, heads, d, device=device, generator=gen).to(torch.bfloat16) for _ in range(3))
     flops = 4 * rows * seq * seq * heads * d
-    saved = fast.FA4_CONFIG.get(d)
+    reference = None
 
-    def use(config):
+    def use(size, config):
         if config:
-            fast.FA4_CONFIG[d] = config
+            fast.FA4_CONFIG[size] = config
         else:
-            fast.FA4_CONFIG.pop(d, None)
+            fast.FA4_CONFIG.pop(size, None)
 
     def run(name, config, q, k, v):
-        use(config)
+        """Times FA4 under `config` at q's head size, then puts back what FA4_CONFIG held for that size."""
+        nonlocal reference
+        size = q.shape[-1]
+        before = fast.FA4_CONFIG.get(size)
+        use(size, config)
         try:
             out = fast.fa4_attention(q, k, v, d ** -0.5)[..., :d]
-            err = max_abs(out, reference) if reference is not None else 0.0
+            reference = out if reference is None else reference  # the library's own, unless it failed
+            err = max_abs(out, reference)
             seconds = fast.median_seconds(lambda: fast.fa4_attention(q, k, v, d ** -0.5), device, reps=10, warmup=2)
             print(f"| {name} | {1e3 * seconds:.3f} | {flops / seconds / 1e12:.0f} | {err:.2e} |", flush=True)
-            check.results.setdefault("fa4_tilings", []).append(dict(config=config, head_size=q.shape[-1],
+            check.results.setdefault("fa4_tilings", []).append(dict(config=config, head_size=size,
                                                                     seconds=seconds, max_abs=err))
-            return out, seconds, err
+            return seconds, err
         except Exception as e:  # noqa: BLE001 - a tiling the kernel cannot build: report it, keep going
             print(f"| {name} | FAILED: {type(e).__name__}: {str(e)[:150]} | | |", flush=True)
-            return None, None, None
+            return None, None
         finally:
-            use(saved)
+            use(size, before)
 
-    print(f"head size {d}; shipped tiling: {saved or 'none: the library picks'}")
-    print("| tiling | ms | TFLOP/s | max abs vs the library's own |\n| --- | ---: | ---: | ---: |")
-    reference = None
-    reference, _, _ = run("library's own", None, q, k, v)
-    timed = {}
-    for config in ([saved] if saved else []) + [c for c in fast.FA4_TILINGS if c != saved]:
-        _, seconds, err = run(str(config) + (" (shipped)" if config == saved else ""), config, q, k, v)
-        if seconds is not None and err < 1e-2:
-            timed[str(config)] = (seconds, config)
-    own = timed.get(str(saved)) if saved else None
-    if own is None and reference is not None:
-        own = next((r["seconds"], None) for r in check.results["fa4_tilings"] if r["config"] is None)
-    if adopt and own and timed and device.type == "cuda":
-        best = min(timed.values(), key=lambda t: t[0])
-        if best[0] < 0.98 * own[0]:
-            fast.FA4_CONFIG[d] = best[1]
-            print(f"the rest of this run uses FA4 tiling {best[1]} ({1e3 * best[0]:.3f} ms against "
-                  f"{1e3 * own[0]:.3f}); to ship it: fast.FA4_CONFIG[{d}] = {best[1]!r}")
-            check.results["fa4_config_adopted"] = {d: best[1]}
     padded = -(-d // 16) * 16
-    if padded != d and timed:
-        print(f"\nzero-padded to head size {padded} before the call (pad copies not timed):")
+    for size in dict.fromkeys((d, padded)):
+        inputs = (q, k, v) if size == d else tuple(fast.pad_heads(t, size) for t in (q, k, v))
+        saved = fast.FA4_CONFIG.get(size)
+        print(f"\nhead size {size}" + (f" (the model's {d} zero-padded before the call, as head_pad makes it)"
+                                        if size != d else "") + f"; shipped tiling: {saved or 'none: the library picks'}")
         print("| tiling | ms | useful TFLOP/s | max abs vs the library's own |\n| --- | ---: | ---: | ---: |")
-        qp, kp, vp = (fast.pad_heads(t, padded) for t in (q, k, v))
-        shipped_padded = fast.FA4_CONFIG.get(padded)
-        for seconds, config in sorted(timed.values(), key=lambda t: t[0])[:2]:
-            fast.FA4_CONFIG[padded] = config
-            try:
-                run(f"{config} @ {padded}", config, qp, kp, vp)
-            finally:
-                if shipped_padded:
-                    fast.FA4_CONFIG[padded] = shipped_padded
-                else:
-                    fast.FA4_CONFIG.pop(padded, None)
+        own_seconds, _ = run("library's own", None, *inputs)
+        timed = {}
+        for config in ([saved] if saved else []) + [c for c in fast.FA4_TILINGS if c != saved]:
+            seconds, err = run(str(config) + (" (shipped)" if config == saved else ""), config, *inputs)
+            if seconds is not None and err < 1e-2:
+                timed[str(config)] = (seconds, config)
+        own = timed.get(str(saved)) if saved else (None if own_seconds is None else (own_seconds, None))
+        if adopt and own and timed:
+            best = min(timed.values(), key=lambda t: t[0])
+            if best[0] < 0.98 * own[0]:
+                fast.FA4_CONFIG[size] = best[1]
+                print(f"the rest of this run uses FA4 tiling {best[1]} at head size {size} ({1e3 * best[0]:.3f} ms "
+                      f"against {1e3 * own[0]:.3f}); to ship it: fast.FA4_CONFIG[{size}] = {best[1]!r}")
+                check.results.setdefault("fa4_config_adopted", {})[size] = best[1]
 
 
 def forward_variants(check: Check, pipe, batch: int, resolution: int, guidance: float,
@@ -762,7 +758,7 @@ def main(argv=None) -> None:
 
     with check.section("FlashAttention-4 tilings at the 256 px shape", 20) as ok:
         if ok:
-            fa4_tilings_check(check, device, model, 2 * b0, resolution, adopt=not args.default_norm_configs)
+            fa4_tilings_check(check, device, model, 2 * b0, resolution, adopt=cuda and not args.default_norm_configs)
 
     runs, forwards, info = [], [], {}
     fast.accelerate(pipe, **fast_switches)
@@ -792,7 +788,7 @@ def main(argv=None) -> None:
         if ok:
             timed = [bench.time_sampling(pipe, "fast", inputs, resolution, [steps] * 4, guidance)
                      for _ in range(repeats)]
-            run = sorted(timed, key=lambda r: r.seconds)[len(timed) // 2]
+            run = dataclasses.replace(timed[0], seconds=statistics.median(r.seconds for r in timed))
             runs.append(run)
             info["fast_images"] = run.images
             if repeats > 1:

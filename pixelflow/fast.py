@@ -392,27 +392,32 @@ FA4_TILINGS = tuple({"tile_mn": tile, "mma_pv_is_rs": rs, "intra_wg_overlap": ov
     ((192, 128), False, True), ((128, 128), True, True), ((128, 128), False, True), ((128, 160), False, True),
     ((192, 160), False, True), ((128, 192), False, True), ((192, 96), False, True), ((192, 112), False, True),
     ((192, 176), False, True), ((192, 192), False, True), ((192, 128), False, False)))
-_FA4_TILED: list = []  # [_flash_attn_fwd or None], found on first use
+_FA4_TILED: list = []  # [(_flash_attn_fwd or None, names of its parameters or None for any)], found on first use
+_FA4_UNTILED_WARNED: set = set()
 
 
-def _fa4_tiled_forward():
-    """FA4's _flash_attn_fwd if the installed FlashAttention-4 takes the tiling arguments of FA4_CONFIG, else
-    None (with a warning, once): that private function is what the 4.0 betas expose for it."""
+def _fa4_tiled_forward(config: dict):
+    """FA4's _flash_attn_fwd if the installed FlashAttention-4 takes the tiling arguments of `config`, else None
+    (with a warning, once per set of arguments): that private function is what the 4.0 betas expose for it."""
     if not _FA4_TILED:
-        fwd = None
+        fwd = names = None
         try:
             from flash_attn.cute.interface import _flash_attn_fwd as fwd
-            names = {k for config in FA4_CONFIG.values() for k in config}
             params = inspect.signature(fwd).parameters
-            if not (names <= set(params) or any(p.kind is p.VAR_KEYWORD for p in params.values())):
-                fwd = None
-        except (ImportError, AttributeError, TypeError, ValueError):
+            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                names = frozenset(params)
+        except Exception:  # noqa: BLE001 - missing, or an import that fails: the public function it is
             fwd = None
-        if fwd is None:
-            warnings.warn("this FlashAttention-4 takes no tiling arguments: fast.FA4_CONFIG is not used, the "
-                          "library picks its own tiles", stacklevel=3)
-        _FA4_TILED.append(fwd)
-    return _FA4_TILED[0]
+        _FA4_TILED.append((fwd, names))
+    fwd, names = _FA4_TILED[0]
+    if fwd is not None and (names is None or set(config) <= names):
+        return fwd
+    key = frozenset(config)
+    if key not in _FA4_UNTILED_WARNED:
+        _FA4_UNTILED_WARNED.add(key)
+        warnings.warn(f"this FlashAttention-4 takes no tiling arguments {sorted(config)}: fast.FA4_CONFIG is not "
+                      "used, the library picks its own tiles", stacklevel=3)
+    return None
 
 
 @torch.library.custom_op("pixelflow::fa4_attention", mutates_args=())
@@ -422,7 +427,7 @@ def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     tracing into the kernel library, and its just-in-time compilation happens on the first call (before any CUDA
     graph capture: see FastDenoiser)."""
     config = FA4_CONFIG.get(q.shape[-1])
-    tiled = _fa4_tiled_forward() if config else None
+    tiled = _fa4_tiled_forward(config) if config else None
     if tiled is not None:
         out = tiled(q, k, v, softmax_scale=scale, **config)
     else:
@@ -595,11 +600,13 @@ def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: to
     """Time each exact self-attention kernel on random (batch, seq, heads, head_dim) inputs (CUDA), at each
     head size in `pads` (0: unpadded).
 
-    out_dim: also time what padding costs around the kernel (the output projection to out_dim, whose input
-    widens with the pad, and its weight's pad), for every candidate alike: what the forward pays.
+    out_dim: also time what padding costs around the kernel, for every candidate alike: what the forward pays.
+    That is the output projection to out_dim, whose input widens with the pad, and, as _self_attention pads
+    them per call, the padded o_proj and qkv weights (the qkv projection's few extra columns, (pad - d) / 3d
+    more, are not timed).
     prepadded: padded candidates start from q, k, v made padded, as the fast path makes them with fused_norms
-    (see _self_attention; the few extra columns of the qkv projection, (pad - d) / 3d more, are not timed);
-    False: padded by copies in the timed call.
+    (see _self_attention); False: v made padded, q and k padded by copies in the timed call (the norm's output
+    copied into padded heads, as without fused_norms).
     graphed: time inside CUDA graphs, for shapes the fast path replays as graphs (see median_seconds).
     Returns {label: {"kernel", "pad", "seconds": median time or None, "max_err": vs a float32 reference on the
     first image, "error": why it could not run, "contiguous": whether the (B, L, H, d) output is laid out so
@@ -612,23 +619,29 @@ def measure_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: to
     no_autocast = torch.autocast(torch.device(device).type, enabled=False)  # a caller's autocast must not recast
     with no_autocast, sdpa_context("math", strict=True):
         ref = _attend(q[:1].float(), k[:1].float(), v[:1].float(), "sdpa")
-    o_w = None if out_dim is None else \
-        torch.randn(out_dim, heads * head_dim, device=device, dtype=dtype, generator=gen) * (heads * head_dim) ** -0.5
+    inner = heads * head_dim
+    o_w = qkv_w = None
+    if out_dim is not None:
+        o_w = torch.randn(out_dim, inner, device=device, dtype=dtype, generator=gen) * inner ** -0.5
+        qkv_w = torch.randn(3 * inner, out_dim, device=device, dtype=dtype, generator=gen)
     results = {}
     for pad in pads:
         scale = head_dim ** -0.5 if pad else None
-
-        padded = tuple(pad_heads(t, pad) for t in (q, k, v)) if pad and prepadded else None
+        padded = tuple(pad_heads(t, pad) for t in (q, k, v)) if pad else None
 
         def attend(kernel: str, pad: int = pad, scale: float | None = scale, padded=padded) -> torch.Tensor:
             if not pad:
                 return _attend(q, k, v, kernel)
-            if padded is not None:
+            if prepadded:
                 return _attend(*padded, kernel, scale=scale)
-            return _attend(pad_heads(q, pad), pad_heads(k, pad), pad_heads(v, pad), kernel, scale=scale)
+            return _attend(pad_heads(q, pad), pad_heads(k, pad), padded[2], kernel, scale=scale)
 
         def attend_project(kernel: str, pad: int = pad, attend=attend) -> torch.Tensor:
-            w = o_w if not pad else pad_heads(o_w.unflatten(-1, (heads, head_dim)), pad).flatten(-2)
+            if not pad:
+                return F.linear(attend(kernel).flatten(-2), o_w)
+            qk_w, v_w = qkv_w.split((2 * inner, inner))
+            torch.cat([qk_w, _pad_rows(v_w, heads, pad)])  # as _self_attention builds it, per call
+            w = pad_heads(o_w.unflatten(-1, (heads, head_dim)), pad).flatten(-2)
             return F.linear(attend(kernel).flatten(-2), w)
 
         for kernel in kernels:
@@ -710,12 +723,21 @@ class FastDenoiser:
             warnings.warn(f"the GEMM GELU epilogue on {self.device} ({self.weight_dtype}) is not the tanh GELU "
                           "the model uses: fused_gelu runs the GEMM and the GELU separately")
         self.fused_norms = bool(options.fused_norms)
-        if self.fused_norms and (self.device.type == "cuda" or norm_kernels.INTERPRET) and not norm_kernels.works(
-                self.device, self.weight_dtype, model.hidden_size, model.num_attention_heads,
-                model.attention_head_dim, pads=tuple(s for s in self.head_sizes if s)):
-            warnings.warn(f"the Triton normalisation kernels do not compile, run or match their references on "
-                          f"{self.device} ({self.weight_dtype}): fused_norms is off")
-            self.fused_norms = False
+        if self.fused_norms and (self.device.type == "cuda" or norm_kernels.INTERPRET):
+            widths = (self.device, self.weight_dtype, model.hidden_size, model.num_attention_heads,
+                      model.attention_head_dim)
+            works = norm_kernels.works(*widths)
+            failing = [s for s in self.head_sizes if works and s and not norm_kernels.works(*widths, pads=(s,))]
+            if not works or (failing and options.head_pad != "auto"):
+                warnings.warn(f"the Triton normalisation kernels do not compile, run or match their references on "
+                              f"{self.device} ({self.weight_dtype}"
+                              + (f", padded to head size {failing[0]}" if failing else "") + "): fused_norms is off")
+                self.fused_norms = False
+            elif failing:  # a measured choice: attention is not tried at those sizes
+                warnings.warn(f"the padded RMSNorm + RoPE kernel does not compile, run or match its reference at "
+                              f"head sizes {failing} on {self.device} ({self.weight_dtype}): attention is not tried "
+                              f"at those sizes")
+                self.head_sizes = tuple(s for s in self.head_sizes if s not in failing)
         self.fused_residual = bool(options.fused_residual)
         if self.fused_residual and (self.device.type == "cuda" or norm_kernels.INTERPRET) and not norm_kernels.works(
                 self.device, self.weight_dtype, model.hidden_size, model.num_attention_heads,

@@ -9,6 +9,7 @@ same traced graph inductor would compile) and once with inductor itself (marked 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import warnings
@@ -210,11 +211,13 @@ def test_attention_measurement_times_padding_and_projection():
 
 def test_padded_candidates_are_timed_from_padded_inputs(monkeypatch):
     """The fast path makes q, k and v padded where they are made (with fused_norms), so the measurement times
-    padded candidates from padded inputs: only the o_proj weight is padded in the timed call. prepadded=False
-    (no fused_norms: the norm's output is copied into padded heads) times the q, k and v copies too."""
+    padded candidates from padded inputs, with what _self_attention pads per call: the o_proj weight's columns
+    and the qkv weight's v rows. prepadded=False (no fused_norms: the norm's output is copied into padded heads)
+    times the q and k copies too; v is still made padded by its weight."""
     pads_in_call = []
-    real = fast.pad_heads
-    monkeypatch.setattr(fast, "pad_heads", lambda t, size: pads_in_call.append(tuple(t.shape)) or real(t, size))
+    real_heads, real_rows = fast.pad_heads, fast._pad_rows
+    monkeypatch.setattr(fast, "pad_heads", lambda t, size: pads_in_call.append("heads") or real_heads(t, size))
+    monkeypatch.setattr(fast, "_pad_rows", lambda t, h, size: pads_in_call.append("rows") or real_rows(t, h, size))
 
     def timed(call, *args, **kwargs):  # "seconds": 1 + the pads made in the timed call
         pads_in_call.clear()
@@ -222,11 +225,45 @@ def test_padded_candidates_are_timed_from_padded_inputs(monkeypatch):
         return 1.0 + len(pads_in_call)
 
     monkeypatch.setattr(fast, "median_seconds", timed)
-    for prepadded, pads in ((True, 1), (False, 4)):
+    for prepadded, pads in ((True, ["rows", "heads"]), (False, ["rows", "heads", "heads", "heads"])):
         results = fast.measure_attention(2, 16, 3, 12, torch.float32, "cpu", kernels=("math",), pads=(0, 16),
                                          out_dim=20, prepadded=prepadded)
-        assert results["math"]["seconds"] == 1.0 and results["math@16"]["seconds"] == 1.0 + pads, results
+        assert results["math"]["seconds"] == 1.0 and results["math@16"]["seconds"] == 1.0 + len(pads), results
         assert results["math@16"]["max_err"] < 1e-5
+        timed(lambda: None)
+        results = fast.measure_attention(2, 16, 3, 12, torch.float32, "cpu", kernels=("math",), pads=(16,),
+                                         prepadded=prepadded)  # without out_dim: the kernel alone
+        assert results["math@16"]["seconds"] == 1.0 + (0 if prepadded else 2)
+
+
+def test_fused_norms_are_checked_at_the_padded_head_size(pipe, monkeypatch):
+    """An asked-for head_pad whose padded RMSNorm + RoPE kernel fails its device check turns fused_norms off
+    (the unpadded check alone passing is not enough)."""
+    monkeypatch.setattr(norm_kernels, "INTERPRET", True)  # as on CUDA: the fast path asks works()
+    monkeypatch.setattr(norm_kernels, "works", lambda *args, pads=(), **kwargs: not pads)
+    for head_pad, on in ((0, True), (24, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            den = denoiser(pipe.model, fused_norms=True, fused_residual=False, head_pad=head_pad)
+        assert den.status()["fused_norms"] is on, head_pad
+        assert any("fused_norms is off" in str(w.message) for w in caught) is (not on)
+
+
+def test_attention_measurement_is_told_whether_heads_come_padded(pipe, monkeypatch):
+    """With fused_norms the measurement times padded candidates from padded inputs; without, with the q and k
+    copies the forward then makes."""
+    seen = []
+    monkeypatch.setattr(fast, "pick_attention",
+                        lambda *a, **k: seen.append(k["prepadded"]) or ("math", k["pads"][-1]))
+    x, t, labels = forward_inputs()
+    for fused_norms in (False, True):
+        options = fast.FastOptions(precision="keep", merge_qkv=False, merge_adaln=False, compile=False,
+                                   attention="auto", head_pad=24, fused_gelu=False, fused_norms=fused_norms,
+                                   fused_residual=False, cuda_graphs=False)
+        with torch.no_grad():
+            den = fast.FastDenoiser(pipe.model, options)
+            assert (den(x, t, class_labels=labels) - pipe.model(x, t, class_labels=labels)).abs().max() < 1e-6
+    assert seen == [False, True]
 
 
 # A stand-in for FlashAttention-4: flash_attn/cute/ with flash_attn_func(q, k, v, softmax_scale=...) -> (out, lse)
@@ -358,6 +395,7 @@ def test_fa4_tiling_goes_to_the_kernel(fa4_stand_in, monkeypatch):
     import flash_attn.cute.interface as interface
 
     monkeypatch.setattr(fast, "_FA4_TILED", [])
+    monkeypatch.setattr(fast, "_FA4_UNTILED_WARNED", set())
     monkeypatch.setattr(fast, "FA4_CONFIG", {16: dict(fast.FA4_TILINGS[1])})
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 10, 3, 16, generator=gen) for _ in range(3))
@@ -378,6 +416,7 @@ def test_fa4_without_tiling_arguments_uses_its_own_tiles(fa4_stand_in, monkeypat
 
     _fa4_interface(package, "q, k, v, softmax_scale=None, ignored=None")
     monkeypatch.setattr(fast, "_FA4_TILED", [])
+    monkeypatch.setattr(fast, "_FA4_UNTILED_WARNED", set())
     monkeypatch.setattr(fast, "FA4_CONFIG", {16: dict(fast.FA4_TILINGS[0])})
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 10, 3, 16, generator=gen) for _ in range(3))
@@ -399,35 +438,116 @@ def test_shipped_fa4_tilings_are_well_formed():
     assert all(c in fast.FA4_TILINGS for c in fast.FA4_CONFIG.values())  # shipped tilings were timed
 
 
-def test_gpu_check_times_every_fa4_tiling_and_restores_the_shipped_one(fa4_stand_in, monkeypatch, capsys):
-    """gpu_check's FA4 section: the library's own tiling, the shipped one for the model's head size, every other
-    one of FA4_TILINGS, then the two fastest at the head size padded to 16, whose output (cut back) is still
-    exact attention. Nothing is adopted off CUDA, and FA4_CONFIG is as shipped afterwards."""
-    import flash_attn.cute as package
-    from types import SimpleNamespace
-
+def _gpu_check_fa4(package, monkeypatch, shipped: dict):
     sys.path.insert(0, str(BENCHMARKS_DIR))
     import gpu_check
+    from types import SimpleNamespace
 
     _fa4_interface(package, "q, k, v, softmax_scale=None, **ignored")
+    monkeypatch.setattr(fast, "_FA4_TILED", [])
+    monkeypatch.setattr(fast, "_FA4_UNTILED_WARNED", set())
+    monkeypatch.setattr(fast, "FA4_CONFIG", dict(shipped))
+    return gpu_check, SimpleNamespace(num_attention_heads=2, attention_head_dim=24, patch_size=2)
+
+
+def test_gpu_check_times_every_fa4_tiling_and_restores_the_shipped_one(fa4_stand_in, monkeypatch, capsys):
+    """gpu_check's FA4 section: at the model's head size and at it padded to 16 (the padded inputs cut back
+    are still exact attention), the library's own tiling, the shipped one for that size first, then every other
+    one of FA4_TILINGS. Without adopt, FA4_CONFIG is as shipped afterwards."""
+    import flash_attn.cute as package
+
+    shipped = {24: dict(fast.FA4_TILINGS[3]), 32: dict(fast.FA4_TILINGS[4])}
+    gpu_check, model = _gpu_check_fa4(package, monkeypatch, shipped)
     import flash_attn.cute.interface as interface
 
-    shipped = dict(fast.FA4_TILINGS[3])
-    monkeypatch.setattr(fast, "_FA4_TILED", [])
-    monkeypatch.setattr(fast, "FA4_CONFIG", {24: shipped, 32: dict(fast.FA4_TILINGS[4])})
-    model = SimpleNamespace(num_attention_heads=2, attention_head_dim=24, patch_size=2)
     check = gpu_check.Check(600, None)
-    gpu_check.fa4_tilings_check(check, torch.device("cpu"), model, 2, 8)
+    gpu_check.fa4_tilings_check(check, torch.device("cpu"), model, 2, 8, adopt=False)
     out = capsys.readouterr().out
     rows = check.results["fa4_tilings"]
-    assert [r["config"] for r in rows[:2]] == [None, shipped] and f"| {shipped} (shipped) |" in out
-    assert {str(r["config"]) for r in rows[1:-2]} == {str(c) for c in fast.FA4_TILINGS}
-    assert len(rows) == 1 + len(fast.FA4_TILINGS) + 2
-    assert [r["head_size"] for r in rows] == [24] * (len(rows) - 2) + [32, 32]
+    n = 1 + len(fast.FA4_TILINGS)
+    assert [r["head_size"] for r in rows] == [24] * n + [32] * n
+    for size, part in ((24, rows[:n]), (32, rows[n:])):
+        assert [r["config"] for r in part[:2]] == [None, shipped[size]]
+        assert {str(r["config"]) for r in part[1:]} == {str(c) for c in fast.FA4_TILINGS}
+        assert f"| {shipped[size]} (shipped) |" in out
     assert all(r["max_abs"] < 1e-5 for r in rows)  # the padded ones too, cut back to 24
-    assert len(interface.tilings) >= len(fast.FA4_TILINGS) + 2 and package.calls  # the library's own: public
-    assert "zero-padded to head size 32" in out and "to ship it" not in out
-    assert fast.FA4_CONFIG == {24: shipped, 32: fast.FA4_TILINGS[4]}
+    assert {str(t) for t in interface.tilings} == {str(c) for c in fast.FA4_TILINGS}  # each reached the kernel
+    assert {c[0][-1] for c in package.calls} == {24, 32}  # the library's own tiling: the public function
+    assert "zero-padded before the call" in out and "to ship it" not in out
+    assert fast.FA4_CONFIG == shipped
+
+
+def test_gpu_check_adopts_the_fastest_fa4_tiling_per_head_size(fa4_stand_in, monkeypatch, capsys):
+    """With adopt, each head size keeps its fastest tiling when it beats the shipped one by over 2 %: timings
+    faked, one tiling per size twice as fast. The padded size's runs must not undo the model size's adoption."""
+    import flash_attn.cute as package
+
+    shipped = {24: dict(fast.FA4_TILINGS[0]), 32: dict(fast.FA4_TILINGS[0])}
+    gpu_check, model = _gpu_check_fa4(package, monkeypatch, shipped)
+    fast_at = {24: fast.FA4_TILINGS[5], 32: fast.FA4_TILINGS[2]}
+
+    def timed(call, device, **kwargs):  # run() calls the kernel once before timing it: the size timed
+        size = call_sizes[-1]
+        return 1.0 if fast.FA4_CONFIG.get(size) == fast_at[size] else 2.0
+
+    call_sizes = []
+    real = fast.fa4_attention
+    monkeypatch.setattr(fast, "fa4_attention", lambda q, *a: call_sizes.append(q.shape[-1]) or real(q, *a))
+    monkeypatch.setattr(fast, "median_seconds", timed)
+    check = gpu_check.Check(600, None)
+    gpu_check.fa4_tilings_check(check, torch.device("cpu"), model, 2, 8)
+    assert fast.FA4_CONFIG == {24: fast_at[24], 32: fast_at[32]}
+    assert check.results["fa4_config_adopted"] == {24: fast_at[24], 32: fast_at[32]}
+    out = capsys.readouterr().out
+    assert f"to ship it: fast.FA4_CONFIG[24] = {fast_at[24]!r}" in out
+    assert f"to ship it: fast.FA4_CONFIG[32] = {fast_at[32]!r}" in out
+
+
+def test_gpu_check_never_adopts_an_inexact_fa4_tiling(fa4_stand_in, monkeypatch):
+    """A tiling whose output is off (here: twice the attention) is not a candidate, however fast: the fastest
+    exact one is adopted, at the model's head size and at the padded one."""
+    import flash_attn.cute as package
+
+    gpu_check, model = _gpu_check_fa4(package, monkeypatch, {})
+    import flash_attn.cute.interface as interface
+
+    exact, wrong = interface._flash_attn_fwd, fast.FA4_TILINGS[-1]
+
+    def fwd(q, k, v, softmax_scale=None, **tiling):
+        out, lse = exact(q, k, v, softmax_scale=softmax_scale, **tiling)
+        return (2 * out if tiling == wrong else out), lse
+
+    monkeypatch.setattr(interface, "_flash_attn_fwd", fwd)
+    rank = {str(c): i for i, c in enumerate(reversed(fast.FA4_TILINGS))}  # later in the list: faster
+    sizes = []
+    real = fast.fa4_attention
+    monkeypatch.setattr(fast, "fa4_attention", lambda q, *a: sizes.append(q.shape[-1]) or real(q, *a))
+    monkeypatch.setattr(fast, "median_seconds",
+                        lambda *a, **k: 1.0 + rank.get(str(fast.FA4_CONFIG.get(sizes[-1])), 99))
+    check = gpu_check.Check(600, None)
+    gpu_check.fa4_tilings_check(check, torch.device("cpu"), model, 2, 8)
+    wrong_rows = [r for r in check.results["fa4_tilings"] if r["config"] == wrong]
+    assert len(wrong_rows) == 2 and all(r["max_abs"] > 0.1 for r in wrong_rows)
+    assert fast.FA4_CONFIG == {24: fast.FA4_TILINGS[-2], 32: fast.FA4_TILINGS[-2]}
+
+
+def test_gpu_check_reports_the_median_whole_run(monkeypatch, tmp_path):
+    """--repeats: every whole run's time is kept, the median reported; fewer than one is refused."""
+    sys.path.insert(0, str(BENCHMARKS_DIR))
+    import bench_sampling
+    import gpu_check
+
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--tiny", "--repeats", "0"])
+    real, seconds = bench_sampling.time_sampling, iter([3.0, 1.0, 2.0])
+    monkeypatch.setattr(bench_sampling, "time_sampling",
+                        lambda pipe, path, *a: dataclasses.replace(real(pipe, path, *a), seconds=next(seconds)))
+    gpu_check.main(["--tiny", "--batch-sizes", "2", "--steps", "1", "--out", str(tmp_path), "--skip", "environment",
+                    "bf16", "self-attention", "block matrix", "golden", "Triton", "FlashAttention-4", "one forward",
+                    "host syncs", "profile", "variant", "plain path", "numerics", "short whole-run"])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["fast_whole_run_seconds"] == [3.0, 1.0, 2.0]
+    assert [r["seconds"] for r in report["runs"] if r["path"] == "fast"] == [2.0]
 
 
 def test_gelu_epilogue_check_tells_tanh_from_erf(monkeypatch):
@@ -830,14 +950,40 @@ def test_gpu_check_dry_run_without_omegaconf(tmp_path):
 def test_cuda_smoke_script_runs_on_the_cpu(tmp_path):
     """benchmarks/cuda_smoke.sh (train, resume and sample under torchrun; the GPU run's end-to-end check) with two
     CPU processes: it must pass here, so that it cannot rot between GPU sessions, and name what it checked."""
+    import signal
     import subprocess
 
     env = {**os.environ, "NPROC": "2", "OUT": str(tmp_path), "PYTHON": sys.executable}
-    result = subprocess.run(["bash", str(BENCHMARKS_DIR / "cuda_smoke.sh")], env=env, capture_output=True, text=True,
-                            timeout=280)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.rstrip().endswith("SMOKE PASS")
+    # its own process group: on a timeout the torchrun workers are killed with it
+    proc = subprocess.Popen(["bash", str(BENCHMARKS_DIR / "cuda_smoke.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=280)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("cuda_smoke.sh ran over 280 s:\n" + stdout[-3000:] + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert stdout.rstrip().endswith("SMOKE PASS")
     check = (tmp_path / "smoke_check.log").read_text()
     assert "metrics rows at steps [10, 20, 30, 40, 50, 60]" in check and "max 0," in check  # fp32: identical
     assert {p.name for p in tmp_path.iterdir()} >= {"smoke_train.log", "smoke_resume.log", "smoke_sample_fast.log",
                                                     "smoke_sample_plain.log", "smoke_check.log"}
+
+
+def test_cuda_smoke_script_fails_when_a_step_or_the_check_fails(tmp_path):
+    """A stand-in interpreter answers the torchrun calls at once, failing or writing nothing: the script must end
+    with SMOKE FAIL naming what failed, never SMOKE PASS."""
+    import subprocess
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nif [ "$1 $2" = "-m torch.distributed.run" ]; then echo "fake torchrun"; '
+                    f'exit "$FAKE_RC"; fi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    for rc, expected in ((3, "SMOKE FAIL: train exited with 3"),
+                         (0, "SMOKE FAIL: the outputs are not what the steps should have written")):
+        env = {**os.environ, "NPROC": "2", "OUT": str(tmp_path / f"out{rc}"), "PYTHON": str(fake), "FAKE_RC": str(rc)}
+        result = subprocess.run(["bash", str(BENCHMARKS_DIR / "cuda_smoke.sh")], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode != 0 and expected in result.stdout, result.stdout[-2000:]
+        assert "SMOKE PASS" not in result.stdout

@@ -277,6 +277,87 @@ def test_kernels_that_do_not_compile_are_refused_before_any_forward():
     assert "ok" in out
 
 
+def test_a_padded_size_the_kernel_fails_at_is_not_tried():
+    """If rms_rope_padded fails its check at one head size: with head_pad "auto" that size is dropped from the
+    attention candidates (the other kernels stay on); with that size asked for, fused_norms is off. Either way
+    the forward is the model's."""
+    out = run_interpreted("""
+        import dataclasses
+        import warnings
+        from pixelflow import fast
+        from pixelflow.checkpoint import load_pretrained
+        model, _ = load_pretrained("tests/golden/c2i_ckpt", device="cpu")
+        d = model.attention_head_dim
+        bad = -(-d // 32) * 32 if d % 32 else d + 32  # a padded size "auto" tries
+        real = nk.rms_rope_padded
+        def failing(x, weight, rope, heads, eps, size):
+            if size == bad:
+                raise RuntimeError("no kernel at this size")
+            return real(x, weight, rope, heads, eps, size)
+        nk.rms_rope_padded = failing
+        x = torch.randn(2, 3, 16, 16)
+        t, labels = torch.tensor([10.0, 800.0]), torch.tensor([3, 1000])
+        for head_pad in ("auto", bad):
+            options = fast.FastOptions(merge_qkv=True, attention="default", fused_norms=True).resolve("cpu")
+            options = dataclasses.replace(options, head_pad=head_pad)  # "auto" as on CUDA
+            sizes = fast.head_sizes(d, head_pad)
+            assert bad in sizes, (sizes, bad)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                den = fast.FastDenoiser(model, options)
+            messages = [str(w.message) for w in caught]
+            if head_pad == "auto":
+                assert den.status()["fused_norms"] is True and den.head_sizes == tuple(s for s in sizes if s != bad)
+                assert any(f"at head sizes [{bad}]" in m for m in messages), messages
+            else:
+                assert den.status()["fused_norms"] is False and den.head_sizes == (bad,)
+                assert any(f"padded to head size {bad}): fused_norms is off" in m for m in messages), messages
+            with torch.no_grad():
+                err = (den(x, t, class_labels=labels) - model(x, t, class_labels=labels)).abs().max().item()
+            assert err < 1e-5, err
+            print("ok", head_pad)
+    """)
+    assert "ok auto" in out and out.count("ok") == 2
+
+
+def test_works_checks_the_padded_kernel_at_each_pad_size(monkeypatch):
+    """works(pads=...) runs rms_rope_padded at each size (and caches per size): a padded kernel with wrong
+    values fails it, while the unpadded check, and a check without rms_rope, still pass."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(norm_kernels, "_WORKS", {})
+    real = norm_kernels.rms_rope_padded_reference
+    monkeypatch.setattr(norm_kernels, "rms_rope_padded", lambda *args: real(*args) + 1)  # wrong values
+    args = ("cpu", torch.float32, 64, 4, 16)
+    assert norm_kernels.works(*args)
+    assert not norm_kernels.works(*args, pads=(24,))
+    assert norm_kernels.works(*args, ops=("layer_norm_modulate",), pads=(24,))
+
+
+def test_padded_rms_rope_loads_nothing_for_the_pads():
+    """The pad positions read neither the RoPE table nor the weight: with NaN right after both (the last
+    token's pad lanes would index past the table), the pads are still exact zeros."""
+    out = run_interpreted("""
+        from pixelflow.model.embeddings import rope_2d
+        torch.manual_seed(0)
+        heads, head_dim, size = 2, 8, 16
+        c = heads * head_dim
+        table = rope_2d(3, 5, head_dim)
+        memory = torch.full((2 * table.numel(),), float("nan"))
+        memory[:table.numel()] = table.flatten()
+        rope = memory[:table.numel()].view(table.shape)      # NaN right after the table
+        memory = torch.full((2 * c,), float("nan"))
+        memory[:c] = torch.rand(c) + 0.5
+        weight = memory[:c]                                  # and after the weight
+        x = torch.randn(2, 15, c)
+        out = nk.rms_rope_padded(x, weight, rope, heads, 1e-6, size)
+        ref = nk.rms_rope_padded_reference(x, weight, rope, heads, 1e-6, size)
+        assert torch.all(out[..., head_dim:] == 0), out[..., head_dim:].abs().max()
+        assert (out - ref).abs().max().item() < 1e-5
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_bad_shapes_are_named_before_any_launch():
     x = torch.zeros(2, 12, 16)
     rope = torch.zeros(12, 8, 2)
