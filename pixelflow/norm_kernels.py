@@ -7,7 +7,8 @@ At 256 px (XL, 32 rows of 4096 tokens, H100, bf16) inductor's kernels for them t
 Here a program takes one token (or a few, see LAUNCH), reads its row once, reduces in registers and writes the
 result, with the RoPE angles read once per pair position and shared by all heads. A third operator,
 add_layer_norm_modulate, first adds the previous block's gated MLP output to the residual stream (fast.py's
-fused_residual), so that the sum is read once for both.
+fused_residual), so that the sum is read once for both. A fourth, rms_rope_padded, writes each head of q or k
+padded with zero channels (fast.py's head_pad), so that attention at a padded head size needs no copy.
 
 All three are custom operators, opaque to torch.compile. They launch the Triton kernel for CUDA tensors (or for
 CPU tensors under TRITON_INTERPRET=1, which is how tests/test_norm_kernels.py runs the kernels on the CPU) and

@@ -379,11 +379,17 @@ def test_fa4_kernel_is_exact_attention_and_one_compiled_region(fa4_stand_in, pip
     assert den.attention_choice == {(3, tokens): "fa4"} and den.status()["compiled_shapes"] == 1
 
 
-def _fa4_interface(package, signature: str) -> None:
-    """A stand-in flash_attn/cute/interface.py whose _flash_attn_fwd has `signature` and records its tilings."""
+def _fa4_interface(package, monkeypatch, signature: str, config: dict):
+    """A stand-in flash_attn/cute/interface.py whose _flash_attn_fwd has `signature` and records its tilings
+    (returned, imported); fast's FA4 caches cleared and FA4_CONFIG set to `config` for this test."""
     (Path(package.__file__).parent / "interface.py").write_text(FA4_STAND_IN.replace(
         "def flash_attn_func(q, k, v, softmax_scale=None, **ignored):",
         f"def _flash_attn_fwd({signature}):\n    tilings.append(ignored)") + "\ntilings = []\n")
+    monkeypatch.setattr(fast, "_FA4_TILED", [])
+    monkeypatch.setattr(fast, "_FA4_UNTILED_WARNED", set())
+    monkeypatch.setattr(fast, "FA4_CONFIG", dict(config))
+    import flash_attn.cute.interface as interface
+    return interface
 
 
 def test_fa4_tiling_goes_to_the_kernel(fa4_stand_in, monkeypatch):
@@ -391,12 +397,8 @@ def test_fa4_tiling_goes_to_the_kernel(fa4_stand_in, monkeypatch):
     result); other head sizes go to the public function, with the library's own tiling."""
     import flash_attn.cute as package
 
-    _fa4_interface(package, "q, k, v, softmax_scale=None, **ignored")
-    import flash_attn.cute.interface as interface
-
-    monkeypatch.setattr(fast, "_FA4_TILED", [])
-    monkeypatch.setattr(fast, "_FA4_UNTILED_WARNED", set())
-    monkeypatch.setattr(fast, "FA4_CONFIG", {16: dict(fast.FA4_TILINGS[1])})
+    interface = _fa4_interface(package, monkeypatch, "q, k, v, softmax_scale=None, **ignored",
+                               {16: dict(fast.FA4_TILINGS[1])})
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 10, 3, 16, generator=gen) for _ in range(3))
     out = fast._attend(q, k, v, "fa4")
@@ -414,10 +416,7 @@ def test_fa4_without_tiling_arguments_uses_its_own_tiles(fa4_stand_in, monkeypat
     """An FA4 whose _flash_attn_fwd takes no tiling arguments: a warning, once, and the public function."""
     import flash_attn.cute as package
 
-    _fa4_interface(package, "q, k, v, softmax_scale=None, ignored=None")
-    monkeypatch.setattr(fast, "_FA4_TILED", [])
-    monkeypatch.setattr(fast, "_FA4_UNTILED_WARNED", set())
-    monkeypatch.setattr(fast, "FA4_CONFIG", {16: dict(fast.FA4_TILINGS[0])})
+    _fa4_interface(package, monkeypatch, "q, k, v, softmax_scale=None, ignored=None", {16: dict(fast.FA4_TILINGS[0])})
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 10, 3, 16, generator=gen) for _ in range(3))
     with pytest.warns(UserWarning, match="takes no tiling arguments"):
@@ -443,10 +442,7 @@ def _gpu_check_fa4(package, monkeypatch, shipped: dict):
     import gpu_check
     from types import SimpleNamespace
 
-    _fa4_interface(package, "q, k, v, softmax_scale=None, **ignored")
-    monkeypatch.setattr(fast, "_FA4_TILED", [])
-    monkeypatch.setattr(fast, "_FA4_UNTILED_WARNED", set())
-    monkeypatch.setattr(fast, "FA4_CONFIG", dict(shipped))
+    _fa4_interface(package, monkeypatch, "q, k, v, softmax_scale=None, **ignored", shipped)
     return gpu_check, SimpleNamespace(num_attention_heads=2, attention_head_dim=24, patch_size=2)
 
 
