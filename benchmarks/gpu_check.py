@@ -36,10 +36,10 @@ fails: environment; bf16 matmul peak; self-attention kernels at every stage's sh
 sizes); the block's matrix products at 256 px and the GELU epilogue; the Triton normalisation kernels in every
 launch config against inductor's (if they fail, the rest runs with fused_norms=False; the fastest configs are
 adopted for the rest of the run unless --shipped-configs); FlashAttention-4's tilings at 256 px (likewise
-adopted), and the two fastest at the head size padded to 16; the golden tiny model on the device (plain and fast,
-fp32 and bf16, against the release's numbers); XL with random weights: fast path at batch 16 (compile time, whole
-run --repeats times with the median reported, per-stage forwards), host syncs in the loop,
-a kernel profile of the 256 px forward, the 256 px forward under other fast-path switches (and a whole run with
+adopted), and again at the head size padded to 16 (adopted per size); the golden tiny model on the device (plain
+and fast, fp32 and bf16, against the release's numbers); XL with random weights: fast path at batch 16 (compile
+time, whole run --repeats times with the median reported, per-stage forwards), host syncs in the loop, a kernel
+profile of the 256 px forward, the 256 px forward under other fast-path switches (and a whole run with
 the fastest if it is not the default), the plain path at batch 16 (whole run, per-stage forwards, same noise:
 image difference), forward numerics per stage (fast bf16 and plain bf16 against plain fp32), a short fp32
 reference run, batch 64; finally a summary against the issue's targets. Needs no omegaconf (the golden checkpoints
@@ -452,8 +452,8 @@ def fa4_tilings_check(check: Check, device: torch.device, model, rows: int, reso
     for size in dict.fromkeys((d, padded)):
         inputs = (q, k, v) if size == d else tuple(fast.pad_heads(t, size) for t in (q, k, v))
         saved = fast.FA4_CONFIG.get(size)
-        print(f"\nhead size {size}" + (f" (the model's {d} zero-padded before the call, as head_pad makes it)"
-                                        if size != d else "") + f"; shipped tiling: {saved or 'none: the library picks'}")
+        padding = f" (the model's {d} zero-padded before the call, as head_pad makes it)" if size != d else ""
+        print(f"\nhead size {size}{padding}; shipped tiling: {saved or 'none: the library picks'}")
         print("| tiling | ms | useful TFLOP/s | max abs vs the library's own |\n| --- | ---: | ---: | ---: |")
         own_seconds, _ = run("library's own", None, *inputs)
         timed = {}
